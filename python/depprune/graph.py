@@ -1,0 +1,184 @@
+"""The dependency graph: groups of prunable units over named parameter dims.
+
+A :class:`DependencyGraph` wraps the core's analysis of a set of axis
+equations. Each :class:`Group` is a set of units (channels, neurons, heads,
+...) that must be removed together; its members are the ``(parameter name,
+dim)`` pairs that lose indices when one of its units goes.
+
+>>> from depprune import AxisEquations
+>>> eqs = AxisEquations()
+>>> hidden, inp = eqs.axis(3), eqs.axis(2)
+>>> eqs.param("fc1.weight", 0, hidden)
+>>> eqs.param("fc1.weight", 1, inp)
+>>> eqs.param("fc2.weight", 1, hidden)
+>>> eqs.freeze(inp)
+>>> graph = eqs.solve()
+>>> graph.groups[0].members
+(('fc1.weight', 0), ('fc2.weight', 1))
+>>> graph.kept_indices({0: [1]})[("fc1.weight", 0)].tolist()
+[0, 2]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from depprune import _core
+from depprune.equations import AxisEquations
+from depprune.errors import InvalidPlanError
+
+__all__ = ["DependencyGraph", "Group"]
+
+ParamDim = tuple[str, int]
+
+# Members listed per group when a graph is printed; the rest are counted.
+_MEMBERS_SHOWN = 4
+
+
+@dataclass(frozen=True)
+class Group:
+    """Units that are removed together from every member (parameter, dim)."""
+
+    index: int
+    size: int
+    members: tuple[ParamDim, ...]
+    unit_offset: int
+
+    def __str__(self) -> str:
+        return f"group {self.index}: {self.size} units; {_members_text(self.members)}"
+
+
+def _members_text(members: Sequence[ParamDim]) -> str:
+    shown = ", ".join(f"{name}[{dim}]" for name, dim in members[:_MEMBERS_SHOWN])
+    hidden = len(members) - _MEMBERS_SHOWN
+    return shown + (f", ... (+{hidden} more)" if hidden > 0 else "")
+
+
+class DependencyGraph:
+    """Groups and index plans of a model's parameters, from the Rust core.
+
+    Build one with :meth:`from_equations` (or ``AxisEquations.solve()``).
+    """
+
+    def __init__(self, analysis: _core.Analysis, equations: AxisEquations) -> None:
+        self._analysis = analysis
+        self.param_names: tuple[str, ...] = tuple(equations.param_names)
+        self._row_keys: list[ParamDim] = [
+            (self.param_names[p], d)
+            for p, d in zip(equations.row_params, equations.row_dims, strict=True)
+        ]
+        self._row_of: dict[ParamDim, int] = {key: row for row, key in enumerate(self._row_keys)}
+        self._row_axes: list[int] = list(equations.row_axes)
+        sizes = analysis.group_sizes()
+        unit_offsets = analysis.unit_offsets()
+        member_offsets = analysis.member_offsets()
+        member_rows = analysis.member_rows().tolist()
+        self.groups: tuple[Group, ...] = tuple(
+            Group(
+                index=g,
+                size=int(sizes[g]),
+                members=tuple(
+                    self._row_keys[r] for r in member_rows[member_offsets[g] : member_offsets[g + 1]]
+                ),
+                unit_offset=int(unit_offsets[g]),
+            )
+            for g in range(len(sizes))
+        )
+        #: Equations whose structures could only be frozen (-1: a unit repeated in a product).
+        self.conflicts: tuple[int, ...] = tuple(analysis.conflicts().tolist())
+
+    @classmethod
+    def from_equations(cls, equations: AxisEquations) -> DependencyGraph:
+        """Validate ``equations`` in the core and analyse them.
+
+        Raises :class:`~depprune.InvalidEquationsError` naming the bad row.
+        """
+        return cls(_core.analyze(**equations.arrays()), equations)
+
+    @property
+    def num_units(self) -> int:
+        """Units over all groups: the length of a keep mask."""
+        return self._analysis.num_units
+
+    def _group(self, group: object) -> Group:
+        if isinstance(group, Group):
+            group = group.index
+        if not isinstance(group, (int, np.integer)) or not 0 <= int(group) < len(self.groups):
+            raise InvalidPlanError(
+                f"group {group!r} does not exist; groups are numbered 0..{len(self.groups) - 1}"
+            )
+        return self.groups[int(group)]
+
+    def unit_maps(self, group: int | Group) -> dict[ParamDim, np.ndarray]:
+        """For each member of ``group``: the unit of every index along its dim, or -1."""
+        g = self._group(group)
+        offsets, values = self._analysis.unit_maps(np.asarray([g.index], dtype=np.int64))
+        return {
+            member: values[offsets[k] : offsets[k + 1]] for k, member in enumerate(g.members)
+        }
+
+    def keep_mask(self, removed: Mapping[int | Group, Sequence[int] | np.ndarray]) -> np.ndarray:
+        """A keep mask (uint8, one entry per unit) that removes the listed units.
+
+        ``removed`` maps a group (or its index) to the unit ids to remove;
+        groups not mentioned are kept whole.
+        """
+        keep = np.ones(self.num_units, dtype=np.uint8)
+        for key, units in removed.items():
+            g = self._group(key)
+            units = np.asarray(units, dtype=np.int64).reshape(-1)
+            if units.size and (units.min() < 0 or units.max() >= g.size):
+                raise InvalidPlanError(
+                    f"group {g.index} has units 0..{g.size - 1}; got units {units.tolist()}"
+                )
+            keep[g.unit_offset + units] = 0
+        return keep
+
+    def kept_indices(
+        self, removed: Mapping[int | Group, Sequence[int] | np.ndarray] | np.ndarray
+    ) -> dict[ParamDim, np.ndarray]:
+        """The indices each (parameter, dim) keeps once the ``removed`` units go.
+
+        ``removed`` is a mapping as in :meth:`keep_mask`, or a keep mask itself.
+        """
+        if isinstance(removed, np.ndarray):
+            keep = np.ascontiguousarray(removed, dtype=np.uint8)
+        else:
+            keep = self.keep_mask(removed)
+        offsets, indices = self._analysis.kept_indices(keep)
+        return {
+            key: indices[offsets[row] : offsets[row + 1]] for row, key in enumerate(self._row_keys)
+        }
+
+    def axis_of(self, name: str, dim: int) -> int:
+        """The axis id that parameter dim ``(name, dim)`` lies on."""
+        try:
+            return self._row_axes[self._row_of[(name, dim)]]
+        except KeyError:
+            raise InvalidPlanError(
+                f"{name}[{dim}] is not a parameter dim of this graph; "
+                f"known parameters: {', '.join(self.param_names[:5])}..."
+            ) from None
+
+    def describe(self, name: str, dim: int) -> str:
+        """The structure along a parameter dim, e.g. ``product(g3[8], g4[64])``."""
+        return self._analysis.describe_axis(self.axis_of(name, dim))
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __repr__(self) -> str:
+        return (
+            f"DependencyGraph({len(self.groups)} groups, {self.num_units} units, "
+            f"{len(self._row_keys)} parameter dims, {len(self.conflicts)} conflicts)"
+        )
+
+    def __str__(self) -> str:
+        header = f"{'group':>5}  {'units':>6}  members"
+        lines = [repr(self), header]
+        for g in self.groups:
+            lines.append(f"{g.index:>5}  {g.size:>6}  {_members_text(g.members)}")
+        return "\n".join(lines)

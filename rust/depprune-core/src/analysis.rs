@@ -1,0 +1,487 @@
+//! Groups, unit maps and kept indices, read off the unified structures.
+//!
+//! After unification every axis is a tree (a DAG, since pieces are shared)
+//! of sums and products over *leaves*. A leaf that is not frozen and lies
+//! under some parameter dim is a *group*: its size is the number of prunable
+//! units, and removing unit `u` removes, from every member, the flat indices
+//! whose coordinate on that leaf is `u`.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::error::CoreError;
+use crate::input::{validate, EquationSet, ParamTable};
+use crate::unify::{unify_all, Def, Store};
+
+/// A resolved structure node: children are roots.
+#[derive(Debug, Clone)]
+enum Shape {
+    Leaf,
+    Sum(Vec<usize>),
+    Product(Vec<usize>),
+}
+
+/// The result of analysing a set of axis equations: groups of prunable units,
+/// their members (parameter rows), and the index arithmetic of every row.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    num_axes: usize,
+    axis_root: Vec<usize>,
+    row_root: Vec<usize>,
+    size: Vec<u64>,
+    shape: Vec<Shape>,
+    frozen: Vec<bool>,
+    group_of_node: Vec<i64>,
+    group_node: Vec<usize>,
+    group_sizes: Vec<i64>,
+    unit_offsets: Vec<i64>,
+    member_offsets: Vec<i64>,
+    member_rows: Vec<i64>,
+    conflicts: Vec<i64>,
+}
+
+/// Validate the input, unify every equation and read off groups and members.
+///
+/// ```
+/// use depprune_core::{analyze, EquationSet, ParamTable};
+/// // hidden (8) = product(heads (2), head_dim (4)); one parameter row on hidden.
+/// let eqs = EquationSet {
+///     axis_sizes: &[8, 2, 4],
+///     kinds: &[2],
+///     left: &[0],
+///     right_offsets: &[0, 2],
+///     right: &[1, 2],
+///     frozen_axes: &[],
+/// };
+/// let params = ParamTable { params: &[0], dims: &[0], axes: &[0] };
+/// let analysis = analyze(&eqs, &params).unwrap();
+/// assert_eq!(analysis.group_sizes(), &[2, 4]);
+/// ```
+pub fn analyze(eqs: &EquationSet, params: &ParamTable) -> Result<Analysis, CoreError> {
+    let input = validate(eqs, params)?;
+    let mut store = unify_all(&input)?;
+    Analysis::from_store(&mut store, input.axis_sizes.len(), &input.row_axes)
+}
+
+impl Analysis {
+    fn from_store(
+        store: &mut Store,
+        num_axes: usize,
+        row_axes: &[usize],
+    ) -> Result<Self, CoreError> {
+        let num_nodes = store.num_nodes();
+        let roots: Vec<usize> = (0..num_nodes).map(|n| store.find(n)).collect();
+        let mut shape = vec![Shape::Leaf; num_nodes];
+        for node in 0..num_nodes {
+            if roots[node] != node {
+                continue;
+            }
+            shape[node] = match store.def_of_root(node) {
+                None => Shape::Leaf,
+                Some(Def::Sum(c)) => Shape::Sum(c.iter().map(|&x| roots[x]).collect()),
+                Some(Def::Product(c)) => Shape::Product(c.iter().map(|&x| roots[x]).collect()),
+            };
+        }
+        let size: Vec<u64> = (0..num_nodes).map(|n| store.size(n)).collect();
+
+        // Frozen spreads down: every element of a frozen axis is frozen.
+        let mut frozen: Vec<bool> = (0..num_nodes)
+            .map(|n| roots[n] == n && store.is_frozen_root(n))
+            .collect();
+        let mut spread = vec![false; num_nodes];
+        let mut stack: Vec<usize> = (0..num_nodes).filter(|&n| frozen[n]).collect();
+        while let Some(node) = stack.pop() {
+            if std::mem::replace(&mut spread[node], true) {
+                continue;
+            }
+            frozen[node] = true;
+            stack.extend(
+                children(&shape[node])
+                    .iter()
+                    .copied()
+                    .filter(|&c| !spread[c]),
+            );
+        }
+
+        let axis_root = roots[..num_axes].to_vec();
+        let row_root: Vec<usize> = row_axes.iter().map(|&a| roots[a]).collect();
+        let mut conflicts: Vec<i64> = store.conflicts.iter().map(|&c| c as i64).collect();
+
+        // A leaf in two factors of one product would give a flat index two
+        // units of the same group; no unit map can say that, so freeze it.
+        let mut leaves_of: HashMap<usize, Rc<Vec<usize>>> = HashMap::new();
+        let mut ambiguous: Vec<usize> = Vec::new();
+        for &root in &row_root {
+            let mut order = Vec::new();
+            post_order(
+                &shape,
+                root,
+                |n| leaves_of.contains_key(&n),
+                |n| order.push(n),
+            );
+            for node in order {
+                let leaves = match &shape[node] {
+                    Shape::Leaf => vec![node],
+                    Shape::Sum(c) | Shape::Product(c) => {
+                        let is_product = matches!(shape[node], Shape::Product(_));
+                        let mut all: Vec<usize> = Vec::new();
+                        for child in c {
+                            let child_leaves = &leaves_of[child];
+                            if is_product {
+                                ambiguous.extend(
+                                    child_leaves
+                                        .iter()
+                                        .filter(|l| !frozen[**l] && all.binary_search(l).is_ok()),
+                                );
+                            }
+                            all.extend(child_leaves.iter());
+                            all.sort_unstable();
+                            all.dedup();
+                        }
+                        all
+                    }
+                };
+                leaves_of.insert(node, Rc::new(leaves));
+            }
+        }
+        if !ambiguous.is_empty() {
+            conflicts.push(-1);
+            for leaf in ambiguous {
+                frozen[leaf] = true;
+            }
+        }
+        conflicts.sort_unstable();
+        conflicts.dedup();
+
+        // Groups in order of first appearance: rows in order, leaves left to right.
+        let mut group_of_node = vec![-1i64; num_nodes];
+        let mut group_node = Vec::new();
+        let mut members: Vec<Vec<i64>> = Vec::new();
+        for (row, &root) in row_root.iter().enumerate() {
+            for leaf in leaves_in_order(&shape, root) {
+                if frozen[leaf] || size[leaf] == 0 {
+                    continue;
+                }
+                if group_of_node[leaf] < 0 {
+                    group_of_node[leaf] = group_node.len() as i64;
+                    group_node.push(leaf);
+                    members.push(Vec::new());
+                }
+                members[group_of_node[leaf] as usize].push(row as i64);
+            }
+        }
+        let group_sizes: Vec<i64> = group_node.iter().map(|&n| size[n] as i64).collect();
+        let unit_offsets = prefix_offsets(group_sizes.iter().copied());
+        let member_offsets = prefix_offsets(members.iter().map(|m| m.len() as i64));
+        let member_rows = members.into_iter().flatten().collect();
+
+        Ok(Analysis {
+            num_axes,
+            axis_root,
+            row_root,
+            size,
+            shape,
+            frozen,
+            group_of_node,
+            group_node,
+            group_sizes,
+            unit_offsets,
+            member_offsets,
+            member_rows,
+            conflicts,
+        })
+    }
+
+    /// Number of units (prunable elements) of each group.
+    pub fn group_sizes(&self) -> &[i64] {
+        &self.group_sizes
+    }
+
+    /// Where each group's units start in a keep mask (`num_groups + 1` entries).
+    pub fn unit_offsets(&self) -> &[i64] {
+        &self.unit_offsets
+    }
+
+    /// CSR offsets into [`Self::member_rows`] (`num_groups + 1` entries).
+    pub fn member_offsets(&self) -> &[i64] {
+        &self.member_offsets
+    }
+
+    /// Parameter rows that are members of each group, group after group.
+    pub fn member_rows(&self) -> &[i64] {
+        &self.member_rows
+    }
+
+    pub fn num_groups(&self) -> usize {
+        self.group_sizes.len()
+    }
+
+    pub fn num_units(&self) -> i64 {
+        *self.unit_offsets.last().unwrap_or(&0)
+    }
+
+    /// Equations whose structures could only be frozen, sorted (`-1`: a leaf
+    /// that appears twice in one product was frozen).
+    pub fn conflicts(&self) -> &[i64] {
+        &self.conflicts
+    }
+
+    fn check_group(&self, group: i64) -> Result<usize, CoreError> {
+        if group < 0 || group as usize >= self.num_groups() {
+            return Err(CoreError::GroupOutOfRange {
+                group,
+                num_groups: self.num_groups(),
+            });
+        }
+        Ok(group as usize)
+    }
+
+    /// For each member of each group in `groups`, the unit of every flat index
+    /// along that member's dim (or -1 where the index is not on this group).
+    /// Returns `(offsets, values)`: member `k` of the listing owns
+    /// `values[offsets[k]..offsets[k + 1]]`.
+    pub fn unit_maps(&self, groups: &[i64]) -> Result<(Vec<i64>, Vec<i64>), CoreError> {
+        let groups = groups
+            .iter()
+            .map(|&g| self.check_group(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut offsets = vec![0i64];
+        let mut values = Vec::new();
+        for group in groups {
+            let leaf = self.group_node[group];
+            let mut memo = HashMap::new();
+            let rows = &self.member_rows
+                [self.member_offsets[group] as usize..self.member_offsets[group + 1] as usize];
+            for &row in rows {
+                let map = self.fold(
+                    self.row_root[row as usize],
+                    &mut memo,
+                    &|node| {
+                        if node == leaf {
+                            (0..self.size[node] as i64).collect()
+                        } else {
+                            vec![-1; self.size[node] as usize]
+                        }
+                    },
+                    i64::max,
+                );
+                values.extend_from_slice(&map);
+                offsets.push(values.len() as i64);
+            }
+        }
+        Ok((offsets, values))
+    }
+
+    /// Given a keep mask over all units (group after group, see
+    /// [`Self::unit_offsets`]; nonzero keeps), the flat indices that remain
+    /// along every parameter row. Returns `(offsets, indices)` per row.
+    pub fn kept_indices(&self, keep: &[u8]) -> Result<(Vec<i64>, Vec<i64>), CoreError> {
+        let mut offsets = vec![0i64];
+        let mut indices = Vec::new();
+        let mut memo = HashMap::new();
+        for row in 0..self.row_root.len() {
+            let kept = self.kept_mask_of(self.row_root[row], keep, &mut memo)?;
+            indices.extend(
+                kept.iter()
+                    .enumerate()
+                    .filter(|(_, &k)| k != 0)
+                    .map(|(i, _)| i as i64),
+            );
+            offsets.push(indices.len() as i64);
+        }
+        Ok((offsets, indices))
+    }
+
+    /// The keep flag (0/1) of every flat index of `axis` under a keep mask.
+    pub fn kept_mask_of_axis(&self, axis: usize, keep: &[u8]) -> Result<Vec<u8>, CoreError> {
+        if axis >= self.num_axes {
+            return Err(CoreError::QueryAxisOutOfRange {
+                axis: axis as i64,
+                num_axes: self.num_axes,
+            });
+        }
+        let mut memo = HashMap::new();
+        Ok(self
+            .kept_mask_of(self.axis_root[axis], keep, &mut memo)?
+            .to_vec())
+    }
+
+    fn kept_mask_of(
+        &self,
+        root: usize,
+        keep: &[u8],
+        memo: &mut HashMap<usize, Rc<Vec<u8>>>,
+    ) -> Result<Rc<Vec<u8>>, CoreError> {
+        let expected = self.num_units() as usize;
+        if keep.len() != expected {
+            return Err(CoreError::KeepMaskLength {
+                got: keep.len(),
+                expected,
+            });
+        }
+        Ok(self.fold(
+            root,
+            memo,
+            &|node| match self.group_of_node[node] {
+                g if g >= 0 => {
+                    let start = self.unit_offsets[g as usize] as usize;
+                    keep[start..start + self.size[node] as usize]
+                        .iter()
+                        .map(|&k| u8::from(k != 0))
+                        .collect()
+                }
+                // Frozen leaves and leaves outside every parameter are kept whole.
+                _ => vec![1; self.size[node] as usize],
+            },
+            u8::min,
+        ))
+    }
+
+    /// Evaluate a per-index vector over a structure: leaves from `leaf`, sums
+    /// concatenate, products combine their factors' entries with `combine`.
+    fn fold<T: Copy>(
+        &self,
+        root: usize,
+        memo: &mut HashMap<usize, Rc<Vec<T>>>,
+        leaf: &dyn Fn(usize) -> Vec<T>,
+        combine: fn(T, T) -> T,
+    ) -> Rc<Vec<T>> {
+        let computed = |node: usize, memo: &mut HashMap<usize, Rc<Vec<T>>>| {
+            let value = match &self.shape[node] {
+                Shape::Leaf => leaf(node),
+                Shape::Sum(c) => c
+                    .iter()
+                    .flat_map(|child| memo[child].iter().copied())
+                    .collect(),
+                Shape::Product(c) => {
+                    let mut acc: Vec<T> = memo[&c[0]].to_vec();
+                    for child in &c[1..] {
+                        let factor = &memo[child];
+                        let mut next = Vec::with_capacity(acc.len() * factor.len());
+                        for &a in &acc {
+                            next.extend(factor.iter().map(|&f| combine(a, f)));
+                        }
+                        acc = next;
+                    }
+                    acc
+                }
+            };
+            memo.insert(node, Rc::new(value));
+        };
+        let mut order = Vec::new();
+        post_order(
+            &self.shape,
+            root,
+            |n| memo.contains_key(&n),
+            |n| order.push(n),
+        );
+        for node in order {
+            computed(node, memo);
+        }
+        memo[&root].clone()
+    }
+
+    /// A readable structure of `axis`, e.g. `product(g0[2], sum(g1[2], g1[2]))`.
+    pub fn describe_axis(&self, axis: i64) -> Result<String, CoreError> {
+        if axis < 0 || axis as usize >= self.num_axes {
+            return Err(CoreError::QueryAxisOutOfRange {
+                axis,
+                num_axes: self.num_axes,
+            });
+        }
+        enum Item {
+            Node(usize),
+            Text(&'static str),
+        }
+        let mut out = String::new();
+        let mut stack = vec![Item::Node(self.axis_root[axis as usize])];
+        while let Some(item) = stack.pop() {
+            let node = match item {
+                Item::Text(t) => {
+                    out.push_str(t);
+                    continue;
+                }
+                Item::Node(n) => n,
+            };
+            let (name, c) = match &self.shape[node] {
+                Shape::Leaf => {
+                    let size = self.size[node];
+                    match self.group_of_node[node] {
+                        g if g >= 0 => out.push_str(&format!("g{g}[{size}]")),
+                        _ if self.frozen[node] => out.push_str(&format!("frozen[{size}]")),
+                        _ => out.push_str(&format!("free[{size}]")),
+                    }
+                    continue;
+                }
+                Shape::Sum(c) => ("sum(", c),
+                Shape::Product(c) => ("product(", c),
+            };
+            out.push_str(name);
+            stack.push(Item::Text(")"));
+            for (i, &child) in c.iter().enumerate().rev() {
+                stack.push(Item::Node(child));
+                if i > 0 {
+                    stack.push(Item::Text(", "));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn children(shape: &Shape) -> &[usize] {
+    match shape {
+        Shape::Leaf => &[],
+        Shape::Sum(c) | Shape::Product(c) => c,
+    }
+}
+
+/// Visit every node under `root` children-first, skipping nodes `done` says
+/// are already handled; iterative so deep structures cannot overflow.
+fn post_order(
+    shape: &[Shape],
+    root: usize,
+    done: impl Fn(usize) -> bool,
+    mut visit: impl FnMut(usize),
+) {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![(root, false)];
+    while let Some((node, expanded)) = stack.pop() {
+        if expanded {
+            visit(node);
+            continue;
+        }
+        if done(node) || !seen.insert(node) {
+            continue;
+        }
+        stack.push((node, true));
+        stack.extend(children(&shape[node]).iter().rev().map(|&c| (c, false)));
+    }
+}
+
+/// Distinct leaves under `root`, left to right (pre-order).
+fn leaves_in_order(shape: &[Shape], root: usize) -> Vec<usize> {
+    let mut leaves = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root];
+    while let Some(node) = stack.pop() {
+        if !seen.insert(node) {
+            continue;
+        }
+        match &shape[node] {
+            Shape::Leaf => leaves.push(node),
+            Shape::Sum(c) | Shape::Product(c) => stack.extend(c.iter().rev()),
+        }
+    }
+    leaves
+}
+
+fn prefix_offsets(counts: impl Iterator<Item = i64>) -> Vec<i64> {
+    let mut offsets = vec![0];
+    let mut total = 0;
+    for c in counts {
+        total += c;
+        offsets.push(total);
+    }
+    offsets
+}
