@@ -1,10 +1,15 @@
 """Type stubs of the Rust extension (rust/depprune-py); checked by mypy.stubtest."""
 
+from typing import final
+
 import numpy as np
 import numpy.typing as npt
 
+__all__ = ["Analysis", "analyze"]
+
 _I64 = npt.NDArray[np.int64]
 
+@final
 class Analysis:
     @property
     def num_groups(self) -> int: ...
@@ -17,7 +22,9 @@ class Analysis:
     def conflicts(self) -> _I64: ...
     def unit_maps(self, groups: _I64) -> tuple[_I64, _I64]: ...
     def kept_indices(self, keep: npt.NDArray[np.uint8]) -> tuple[_I64, _I64]: ...
-    def kept_mask_of_axis(self, axis: int, keep: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]: ...
+    def kept_mask_of_axis(
+        self, axis: int, keep: npt.NDArray[np.uint8]
+    ) -> npt.NDArray[np.uint8]: ...
     def describe_axis(self, axis: int) -> str: ...
 
 def analyze(

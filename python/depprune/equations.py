@@ -17,14 +17,15 @@ flat index ``i * len(B) + j``). Parameters name the axes of their dims.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     from depprune.graph import DependencyGraph
 
-__all__ = ["AxisEquations", "EQUAL", "SUM", "PRODUCT"]
+__all__ = ["EQUAL", "PRODUCT", "SUM", "AxisEquations"]
 
 #: Equation kinds as the core numbers them.
 EQUAL, SUM, PRODUCT = 0, 1, 2

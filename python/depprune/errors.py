@@ -9,9 +9,9 @@ from __future__ import annotations
 
 __all__ = [
     "DeppruneError",
+    "InternalError",
     "InvalidEquationsError",
     "InvalidPlanError",
-    "InternalError",
 ]
 
 

@@ -81,7 +81,8 @@ class DependencyGraph:
                 index=g,
                 size=int(sizes[g]),
                 members=tuple(
-                    self._row_keys[r] for r in member_rows[member_offsets[g] : member_offsets[g + 1]]
+                    self._row_keys[r]
+                    for r in member_rows[member_offsets[g] : member_offsets[g + 1]]
                 ),
                 unit_offset=int(unit_offsets[g]),
             )
@@ -116,9 +117,7 @@ class DependencyGraph:
         """For each member of ``group``: the unit of every index along its dim, or -1."""
         g = self._group(group)
         offsets, values = self._analysis.unit_maps(np.asarray([g.index], dtype=np.int64))
-        return {
-            member: values[offsets[k] : offsets[k + 1]] for k, member in enumerate(g.members)
-        }
+        return {member: values[offsets[k] : offsets[k + 1]] for k, member in enumerate(g.members)}
 
     def keep_mask(self, removed: Mapping[int | Group, Sequence[int] | np.ndarray]) -> np.ndarray:
         """A keep mask (uint8, one entry per unit) that removes the listed units.

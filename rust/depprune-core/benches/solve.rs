@@ -1,1 +1,189 @@
-fn main() {}
+//! Criterion benchmarks of the core on synthetic equation sets shaped like
+//! what the tracer emits for a Llama-style decoder (GQA, RoPE, SwiGLU MLP),
+//! at 80 layers (the Llama-3-70B depth) and at 1M+ equations.
+//!
+//! Run: `cargo bench -p depprune-core --bench solve`.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use depprune_core::{analyze, EquationSet, ParamTable};
+
+#[derive(Default)]
+struct Equations {
+    sizes: Vec<i64>,
+    kinds: Vec<i64>,
+    left: Vec<i64>,
+    offsets: Vec<i64>,
+    right: Vec<i64>,
+    frozen: Vec<i64>,
+    params: Vec<i64>,
+    dims: Vec<i64>,
+    axes: Vec<i64>,
+}
+
+impl Equations {
+    fn axis(&mut self, size: i64) -> i64 {
+        self.sizes.push(size);
+        self.sizes.len() as i64 - 1
+    }
+    fn eq(&mut self, kind: i64, left: i64, right: &[i64]) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        self.kinds.push(kind);
+        self.left.push(left);
+        self.right.extend_from_slice(right);
+        self.offsets.push(self.right.len() as i64);
+    }
+    /// A new axis equal to `of` (an elementwise op's output, a transpose's rename).
+    fn same(&mut self, of: i64) -> i64 {
+        let a = self.axis(self.sizes[of as usize]);
+        self.eq(0, a, &[of]);
+        a
+    }
+    fn param(&mut self, axes: &[i64]) {
+        let p = self.params.last().map_or(0, |p| p + 1);
+        for (d, &a) in axes.iter().enumerate() {
+            self.params.push(p);
+            self.dims.push(d as i64);
+            self.axes.push(a);
+        }
+    }
+    /// A linear layer reading `input`: returns its output axis.
+    fn linear(&mut self, input: i64, out: i64) -> i64 {
+        let (w_out, w_in) = (self.axis(out), self.axis(self.sizes[input as usize]));
+        self.param(&[w_out, w_in]);
+        self.eq(0, w_in, &[input]);
+        self.same(w_out)
+    }
+    /// RMSNorm as it decomposes: pow, mean, add eps, rsqrt, mul, mul weight.
+    fn rms_norm(&mut self, x: i64) -> i64 {
+        // x.pow(2).mean(-1) reduces the hidden axis away: no equation for it.
+        let normed = self.same(x);
+        let w = self.axis(self.sizes[x as usize]);
+        self.param(&[w]);
+        let out = self.same(normed);
+        self.eq(0, out, &[w]);
+        out
+    }
+    /// q or k after view to heads, transpose and rotary embedding: (heads, head_dim).
+    fn heads_with_rope(&mut self, projected: i64, heads: i64, head_dim: i64) -> (i64, i64) {
+        let (h, d) = (self.axis(heads), self.axis(head_dim));
+        self.eq(2, projected, &[h, d]);
+        let (h, d) = (self.same(h), self.same(d)); // transpose
+        let (x1, x2) = (self.axis(head_dim / 2), self.axis(head_dim / 2));
+        self.eq(1, d, &[x1, x2]);
+        let neg = self.same(x2);
+        let rotated = self.axis(head_dim);
+        self.eq(1, rotated, &[neg, x1]);
+        let with_cos = self.same(d);
+        let with_sin = self.same(rotated);
+        let out = self.same(with_cos);
+        self.eq(0, out, &[with_sin]);
+        (h, out)
+    }
+
+    fn llama(layers: usize, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64) -> Self {
+        let mut e = Equations::default();
+        let head_dim = hidden / heads;
+        let (vocab, emb) = (e.axis(1000), e.axis(hidden));
+        e.param(&[vocab, emb]);
+        e.frozen.push(vocab);
+        let mut x = e.same(emb);
+        for _ in 0..layers {
+            let normed = e.rms_norm(x);
+            let q = e.linear(normed, heads * head_dim);
+            let k = e.linear(normed, kv_heads * head_dim);
+            let v = e.linear(normed, kv_heads * head_dim);
+            let (qh, qd) = e.heads_with_rope(q, heads, head_dim);
+            let (kh, kd) = e.heads_with_rope(k, kv_heads, head_dim);
+            let (vh, vd) = (e.axis(kv_heads), e.axis(head_dim));
+            e.eq(2, v, &[vh, vd]);
+            // repeat_kv: expand a fresh axis, reshape to heads.
+            let (k_rep, v_rep) = (e.axis(heads / kv_heads), e.axis(heads / kv_heads));
+            let (k_all, v_all) = (e.axis(heads), e.axis(heads));
+            e.eq(2, k_all, &[kh, k_rep]);
+            e.eq(2, v_all, &[vh, v_rep]);
+            // sdpa: batched over heads, q.d == k.d, output head_dim from v.
+            e.eq(0, qh, &[k_all]);
+            e.eq(0, k_all, &[v_all]);
+            e.eq(0, qd, &[kd]);
+            let (oh, od) = (e.same(v_all), e.same(vd));
+            let merged = e.axis(heads * head_dim);
+            e.eq(2, merged, &[oh, od]);
+            let attn = e.linear(merged, hidden);
+            let after_attn = e.same(x);
+            e.eq(0, after_attn, &[attn]);
+            let normed = e.rms_norm(after_attn);
+            let gate = e.linear(normed, intermediate);
+            let up = e.linear(normed, intermediate);
+            let act = e.same(gate);
+            let prod = e.same(act);
+            e.eq(0, prod, &[up]);
+            let down = e.linear(prod, hidden);
+            x = e.same(after_attn);
+            e.eq(0, x, &[down]);
+        }
+        let normed = e.rms_norm(x);
+        let logits = e.linear(normed, 1000);
+        e.frozen.push(logits);
+        e
+    }
+
+    fn sets(&self) -> (EquationSet<'_>, ParamTable<'_>) {
+        (
+            EquationSet {
+                axis_sizes: &self.sizes,
+                kinds: &self.kinds,
+                left: &self.left,
+                right_offsets: &self.offsets,
+                right: &self.right,
+                frozen_axes: &self.frozen,
+            },
+            ParamTable {
+                params: &self.params,
+                dims: &self.dims,
+                axes: &self.axes,
+            },
+        )
+    }
+}
+
+fn bench_llama(c: &mut Criterion) {
+    let mut group = c.benchmark_group("analyze_llama");
+    group.sample_size(10);
+    // (name, layers): the 70B depth, then enough layers for over a million equations.
+    for (name, layers) in [
+        ("80_layers_70b_shape", 80),
+        ("20000_layers_1m_equations", 20_000),
+    ] {
+        let e = Equations::llama(layers, 8192, 64, 8, 28672);
+        let (eqs, params) = e.sets();
+        let analysis = analyze(&eqs, &params).expect("valid");
+        assert_eq!(analysis.conflicts(), &[] as &[i64]);
+        // hidden, then per layer: KV heads, query slots, rotary half head_dim, v head_dim, MLP.
+        assert_eq!(analysis.num_groups(), 1 + 5 * layers);
+        group.throughput(Throughput::Elements(e.kinds.len() as u64));
+        group.bench_with_input(BenchmarkId::new(name, e.kinds.len()), &e, |b, e| {
+            let (eqs, params) = e.sets();
+            b.iter(|| analyze(black_box(&eqs), black_box(&params)).expect("valid"))
+        });
+    }
+    group.finish();
+}
+
+fn bench_kept_indices(c: &mut Criterion) {
+    let e = Equations::llama(80, 8192, 64, 8, 28672);
+    let (eqs, params) = e.sets();
+    let analysis = analyze(&eqs, &params).expect("valid");
+    // Remove every other unit of every group: the 50% plan of the 70B shape.
+    let keep: Vec<u8> = (0..analysis.num_units()).map(|u| (u % 2) as u8).collect();
+    let mut group = c.benchmark_group("kept_indices_llama");
+    group.sample_size(10);
+    group.bench_function("80_layers_70b_shape", |b| {
+        b.iter(|| analysis.kept_indices(black_box(&keep)).expect("valid"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_llama, bench_kept_indices);
+criterion_main!(benches);
