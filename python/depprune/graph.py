@@ -90,6 +90,10 @@ class DependencyGraph:
         )
         #: Equations whose structures could only be frozen (-1: a unit repeated in a product).
         self.conflicts: tuple[int, ...] = tuple(analysis.conflicts().tolist())
+        #: ATen ops without an axis rule seen by the trace (their axes are frozen), with counts.
+        self.unsupported_ops: dict[str, int] = {}
+        #: What the trace had to assume (e.g. neutral answers to .item() on meta tensors).
+        self.notes: list[str] = []
 
     @classmethod
     def from_equations(cls, equations: AxisEquations) -> DependencyGraph:

@@ -1,0 +1,162 @@
+"""Selection: which units of which groups to remove, from scores and ratios.
+
+A ratio is the fraction of a group's units to remove. ``ratios`` maps a
+module, or a tuple of modules (one scope ranked together), to its own ratio;
+a group belongs to the most specific scope that contains the owner of its
+first member (the parameter that produces its units: a conv's or linear's
+output, an embedding's dim). Local ranking removes the lowest-scored units
+of each group; global ranking ranks every unit of a scope together, after
+dividing each group's scores by their mean so groups are comparable.
+
+>>> import torch
+>>> from depprune.selection import units_to_keep, lowest
+>>> units_to_keep(size=10, ratio=0.5, round_to=4, min_units=1)
+8
+>>> lowest(torch.tensor([0.3, 0.1, 0.9, 0.2]), 2).tolist()
+[1, 3]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from depprune.errors import DeppruneError
+from depprune.graph import DependencyGraph, Group
+
+__all__ = ["SelectionError", "lowest", "select", "units_to_keep"]
+
+Scope = nn.Module | tuple[nn.Module, ...]
+
+
+class SelectionError(DeppruneError, ValueError):
+    """Ratios, scopes or constraints that cannot be used."""
+
+
+def _check_ratio(ratio: float, where: str) -> float:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise SelectionError(
+            f"{where} is {ratio!r}; a ratio is the fraction of units to remove, in [0, 1)"
+        )
+    return float(ratio)
+
+
+def units_to_keep(size: int, ratio: float, round_to: int | None, min_units: int) -> int:
+    """Units a group of ``size`` keeps at ``ratio``, a multiple of ``round_to``."""
+    keep = size - math.floor(ratio * size + 1e-9)
+    if round_to and round_to > 1:
+        keep = max(round_to, math.ceil(keep / round_to) * round_to)
+    return min(size, max(keep, min_units))
+
+
+def lowest(scores: torch.Tensor, count: int) -> np.ndarray:
+    """Indices of the ``count`` lowest scores, sorted; ties broken by index."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    order = torch.argsort(scores, stable=True)[:count]
+    return np.sort(order.numpy().astype(np.int64))
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def _scope_prefixes(model: nn.Module, scope: Scope, names: Mapping[int, str]) -> tuple[str, ...]:
+    modules = scope if isinstance(scope, tuple) else (scope,)
+    prefixes = []
+    for module in modules:
+        if id(module) not in names:
+            raise SelectionError(
+                f"{type(module).__name__} object given in ratios/ignored is not a submodule "
+                f"of {type(model).__name__}; pass modules of the model being pruned"
+            )
+        name = names[id(module)]
+        prefixes.append(f"{name}." if name else "")
+    return tuple(prefixes)
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(p) for p in prefixes)
+
+
+def select(
+    graph: DependencyGraph,
+    scores: Mapping[int, torch.Tensor],
+    model: nn.Module,
+    *,
+    ratio: float = 0.5,
+    ratios: Mapping[Scope, float] | None = None,
+    ignored: Iterable[nn.Module] = (),
+    round_to: int | None = None,
+    min_units: int = 1,
+    global_ranking: bool = False,
+) -> dict[int, np.ndarray]:
+    """Units to remove from each scored group: ``{group index: sorted unit ids}``.
+
+    Groups without scores, and groups with a member inside an ``ignored``
+    module, are kept whole.
+    """
+    _check_ratio(ratio, "ratio")
+    if min_units < 1:
+        raise SelectionError(f"min_units is {min_units}; every group must keep at least 1 unit")
+    if round_to is not None and round_to < 1:
+        raise SelectionError(f"round_to is {round_to}; it must be a positive unit count")
+    names = _module_names(model)
+    ignored_prefixes = _scope_prefixes(model, tuple(ignored), names) if ignored else ()
+    # Scopes from the most specific (longest module name) down; the model is the default.
+    scopes: list[tuple[tuple[str, ...], float]] = []
+    for scope, value in (ratios or {}).items():
+        prefixes = _scope_prefixes(model, scope, names)
+        scopes.append((prefixes, _check_ratio(value, f"the ratio of {prefixes}")))
+    scopes.sort(key=lambda s: -max(len(p) for p in s[0]))
+
+    by_scope: dict[int, list[Group]] = {}
+    scope_ratio = [value for _, value in scopes] + [ratio]
+    for group in graph.groups:
+        if group.index not in scores:
+            continue
+        if ignored_prefixes and any(_inside(n, ignored_prefixes) for n, _ in group.members):
+            continue
+        producer = group.members[0][0]
+        which = next(
+            (i for i, (prefixes, _) in enumerate(scopes) if _inside(producer, prefixes)),
+            len(scopes),
+        )
+        by_scope.setdefault(which, []).append(group)
+
+    removed: dict[int, np.ndarray] = {}
+    for which, groups in by_scope.items():
+        r = scope_ratio[which]
+        if global_ranking:
+            removed.update(_select_global(groups, scores, r, round_to, min_units))
+        else:
+            for g in groups:
+                keep = units_to_keep(g.size, r, round_to, min_units)
+                removed[g.index] = lowest(scores[g.index], g.size - keep)
+    return {g: units for g, units in removed.items() if units.size}
+
+
+def _select_global(
+    groups: list[Group],
+    scores: Mapping[int, torch.Tensor],
+    ratio: float,
+    round_to: int | None,
+    min_units: int,
+) -> dict[int, np.ndarray]:
+    """Rank all units of ``groups`` together; each group keeps at least min_units."""
+    normalised = [scores[g.index] / scores[g.index].mean().clamp_min(1e-12) for g in groups]
+    flat = torch.cat(normalised)
+    owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)])
+    total = flat.numel()
+    budget = math.floor(ratio * total + 1e-9)
+    order = torch.argsort(flat, stable=True)[:budget]
+    counts = torch.bincount(owner[order], minlength=len(groups)).tolist()
+    result = {}
+    for i, g in enumerate(groups):
+        keep = units_to_keep(g.size, counts[i] / g.size, round_to, min_units)
+        result[g.index] = lowest(scores[g.index], g.size - keep)
+    return result

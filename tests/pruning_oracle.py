@@ -1,0 +1,89 @@
+"""The shared correctness oracle for pruned models.
+
+Zeroing the removed units instead of removing them must give the same output
+wherever no normalisation spans the pruned axis; the parameter count after
+apply must equal what the plan predicts from its kept indices.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from depprune import DependencyGraph
+from depprune.importance import ScoreContext
+from torch import nn
+
+
+def is_norm(module: nn.Module | None) -> bool:
+    """Layers whose output depends on every element along their normalised axis."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.normalization.RMSNorm)):
+        return True
+    return module is not None and type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def norm_spanned_groups(graph: DependencyGraph, model: nn.Module) -> set[int]:
+    """Groups with a member inside a layer/group/RMS norm (the oracle cannot zero those)."""
+    owners = ScoreContext.from_model(graph, model).owners
+    return {
+        g.index for g in graph.groups if any(is_norm(owners.get(name)) for name, _ in g.members)
+    }
+
+
+def predicted_param_count(
+    model: nn.Module, kept: Mapping[tuple[str, int], np.ndarray]
+) -> int:
+    """Parameters after the plan: each tensor's kept sizes multiplied, tied ones once."""
+    ctx = dict(model.named_parameters(remove_duplicate=False))
+    shapes: dict[int, list[int]] = {}
+    for name, param in ctx.items():
+        shape = shapes.setdefault(id(param), list(param.shape))
+        for dim in range(param.ndim):
+            if (name, dim) in kept:
+                shape[dim] = min(shape[dim], len(kept[(name, dim)]))
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def zeroed_copy(
+    model: nn.Module, graph: DependencyGraph, removed: Mapping[int, np.ndarray]
+) -> nn.Module:
+    """A copy of ``model`` whose removed units are zero in every parameter member."""
+    twin = copy.deepcopy(model)
+    tensors = ScoreContext.from_model(graph, twin).tensors
+    with torch.no_grad():
+        for index, units in removed.items():
+            group = graph.groups[index]
+            drop = np.zeros(group.size, dtype=bool)
+            drop[units] = True
+            for (name, dim), unit_map in graph.unit_maps(group).items():
+                tensor = tensors[name]
+                if not isinstance(tensor, nn.Parameter):
+                    continue
+                hit = np.zeros(unit_map.shape, dtype=bool)
+                on = unit_map >= 0
+                hit[on] = drop[unit_map[on]]
+                index_tensor = torch.from_numpy(np.nonzero(hit)[0]).to(tensor.device)
+                tensor.index_fill_(dim, index_tensor, 0.0)
+    return twin
+
+
+def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
+    """Every tensor in the model's output, flattened in order."""
+    with torch.no_grad():
+        if isinstance(example_inputs, Mapping):
+            out = model(**example_inputs)
+        elif isinstance(example_inputs, (tuple, list)):
+            out = model(*example_inputs)
+        else:
+            out = model(example_inputs)
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def assert_same_outputs(expected: list[torch.Tensor], got: list[torch.Tensor], atol=1e-4):
+    assert len(expected) == len(got)
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape, f"output shape {tuple(g.shape)} != {tuple(e.shape)}"
+        torch.testing.assert_close(g, e, atol=atol, rtol=1e-4)
