@@ -32,9 +32,7 @@ def norm_spanned_groups(graph: DependencyGraph, model: nn.Module) -> set[int]:
     }
 
 
-def predicted_param_count(
-    model: nn.Module, kept: Mapping[tuple[str, int], np.ndarray]
-) -> int:
+def predicted_param_count(model: nn.Module, kept: Mapping[tuple[str, int], np.ndarray]) -> int:
     """Parameters after the plan: each tensor's kept sizes multiplied, tied ones once."""
     ctx = dict(model.named_parameters(remove_duplicate=False))
     shapes: dict[int, list[int]] = {}

@@ -65,7 +65,9 @@ def _index_tensor(indices: torch.Tensor | np.ndarray, device: torch.device) -> t
     return indices.to(device=device, dtype=torch.long)
 
 
-def _plan_cuts(model: nn.Module, kept: Kept) -> tuple[list[_Cut], dict[str, dict[int, torch.Tensor]]]:
+def _plan_cuts(
+    model: nn.Module, kept: Kept
+) -> tuple[list[_Cut], dict[str, dict[int, torch.Tensor]]]:
     """Check the plan against the model and build every new tensor."""
     tensors = _named_tensors(model)
     originals: dict[int, torch.Tensor] = {}
