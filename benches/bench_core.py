@@ -35,9 +35,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"depprune {depprune.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+    print(
+        f"depprune {depprune.__version__}, numpy {np.__version__}, Python {platform.python_version()}"
+    )
     print(f"CPU: {platform.processor() or platform.machine()}")
-    print(f"{'layers':>6} {'equations':>10} {'solve ms':>9} {'eq/s':>10} {'kept ms':>8} {'groups':>7}")
+    print(
+        f"{'layers':>6} {'equations':>10} {'solve ms':>9} {'eq/s':>10} {'kept ms':>8} {'groups':>7}"
+    )
     for layers in (2, 8, 32, 80):
         eqs = llama_equations(
             layers=layers, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=128256

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch import nn
+
 from depprune import DependencyGraph
 from depprune.importance import ScoreContext
-from torch import nn
 
 
 def is_norm(module: nn.Module | None) -> bool:

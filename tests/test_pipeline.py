@@ -6,10 +6,18 @@ ones a trace of each model gives, written out so a failure points here.
 
 from __future__ import annotations
 
-import depprune
 import numpy as np
 import pytest
 import torch
+from pruning_oracle import (
+    assert_same_outputs,
+    outputs,
+    predicted_param_count,
+    zeroed_copy,
+)
+from torch import nn
+
+import depprune
 from depprune.apply import PlanMismatchError, apply_kept_indices
 from depprune.importance import (
     ImportanceError,
@@ -21,13 +29,6 @@ from depprune.importance import (
     taylor,
 )
 from depprune.selection import SelectionError, select
-from pruning_oracle import (
-    assert_same_outputs,
-    outputs,
-    predicted_param_count,
-    zeroed_copy,
-)
-from torch import nn
 
 
 def mlp_and_graph():
