@@ -5,53 +5,44 @@
 //! Run: `cargo bench -p depprune-core --bench solve`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use depprune_core::{analyze, EquationSet, ParamTable};
+use depprune_core::EquationBuilder;
 
-#[derive(Default)]
-struct Equations {
-    sizes: Vec<i64>,
-    kinds: Vec<i64>,
-    left: Vec<i64>,
-    offsets: Vec<i64>,
-    right: Vec<i64>,
-    frozen: Vec<i64>,
-    params: Vec<i64>,
-    dims: Vec<i64>,
-    axes: Vec<i64>,
+/// Llama-shaped equation sets, written op by op the way the tracer does.
+struct Equations(EquationBuilder);
+
+impl std::ops::Deref for Equations {
+    type Target = EquationBuilder;
+    fn deref(&self) -> &EquationBuilder {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Equations {
+    fn deref_mut(&mut self) -> &mut EquationBuilder {
+        &mut self.0
+    }
 }
 
 impl Equations {
-    fn axis(&mut self, size: i64) -> i64 {
-        self.sizes.push(size);
-        self.sizes.len() as i64 - 1
-    }
     fn eq(&mut self, kind: i64, left: i64, right: &[i64]) {
-        if self.offsets.is_empty() {
-            self.offsets.push(0);
+        match kind {
+            0 => self.0.equal(left, right[0]),
+            1 => self.0.sum(left, right),
+            _ => self.0.product(left, right),
         }
-        self.kinds.push(kind);
-        self.left.push(left);
-        self.right.extend_from_slice(right);
-        self.offsets.push(self.right.len() as i64);
     }
     /// A new axis equal to `of` (an elementwise op's output, a transpose's rename).
     fn same(&mut self, of: i64) -> i64 {
-        let a = self.axis(self.sizes[of as usize]);
+        let size = self.sizes[of as usize];
+        let a = self.axis(size);
         self.eq(0, a, &[of]);
         a
     }
-    fn param(&mut self, axes: &[i64]) {
-        let p = self.params.last().map_or(0, |p| p + 1);
-        for (d, &a) in axes.iter().enumerate() {
-            self.params.push(p);
-            self.dims.push(d as i64);
-            self.axes.push(a);
-        }
-    }
     /// A linear layer reading `input`: returns its output axis.
     fn linear(&mut self, input: i64, out: i64) -> i64 {
-        let (w_out, w_in) = (self.axis(out), self.axis(self.sizes[input as usize]));
-        self.param(&[w_out, w_in]);
+        let in_size = self.sizes[input as usize];
+        let (w_out, w_in) = (self.axis(out), self.axis(in_size));
+        self.0.param(&[w_out, w_in]);
         self.eq(0, w_in, &[input]);
         self.same(w_out)
     }
@@ -59,8 +50,9 @@ impl Equations {
     fn rms_norm(&mut self, x: i64) -> i64 {
         // x.pow(2).mean(-1) reduces the hidden axis away: no equation for it.
         let normed = self.same(x);
-        let w = self.axis(self.sizes[x as usize]);
-        self.param(&[w]);
+        let size = self.sizes[x as usize];
+        let w = self.axis(size);
+        self.0.param(&[w]);
         let out = self.same(normed);
         self.eq(0, out, &[w]);
         out
@@ -83,11 +75,11 @@ impl Equations {
     }
 
     fn llama(layers: usize, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64) -> Self {
-        let mut e = Equations::default();
+        let mut e = Equations(EquationBuilder::new());
         let head_dim = hidden / heads;
         let (vocab, emb) = (e.axis(1000), e.axis(hidden));
-        e.param(&[vocab, emb]);
-        e.frozen.push(vocab);
+        e.0.param(&[vocab, emb]);
+        e.freeze(vocab);
         let mut x = e.same(emb);
         for _ in 0..layers {
             let normed = e.rms_norm(x);
@@ -125,26 +117,8 @@ impl Equations {
         }
         let normed = e.rms_norm(x);
         let logits = e.linear(normed, 1000);
-        e.frozen.push(logits);
+        e.freeze(logits);
         e
-    }
-
-    fn sets(&self) -> (EquationSet<'_>, ParamTable<'_>) {
-        (
-            EquationSet {
-                axis_sizes: &self.sizes,
-                kinds: &self.kinds,
-                left: &self.left,
-                right_offsets: &self.offsets,
-                right: &self.right,
-                frozen_axes: &self.frozen,
-            },
-            ParamTable {
-                params: &self.params,
-                dims: &self.dims,
-                axes: &self.axes,
-            },
-        )
     }
 }
 
@@ -157,24 +131,22 @@ fn bench_llama(c: &mut Criterion) {
         ("20000_layers_1m_equations", 20_000),
     ] {
         let e = Equations::llama(layers, 8192, 64, 8, 28672);
-        let (eqs, params) = e.sets();
-        let analysis = analyze(&eqs, &params).expect("valid");
+        let analysis = e.analyze().expect("valid");
         assert_eq!(analysis.conflicts(), &[] as &[i64]);
         // hidden, then per layer: KV heads, query slots, rotary half head_dim, v head_dim, MLP.
         assert_eq!(analysis.num_groups(), 1 + 5 * layers);
-        group.throughput(Throughput::Elements(e.kinds.len() as u64));
-        group.bench_with_input(BenchmarkId::new(name, e.kinds.len()), &e, |b, e| {
-            let (eqs, params) = e.sets();
-            b.iter(|| analyze(black_box(&eqs), black_box(&params)).expect("valid"))
+        group.throughput(Throughput::Elements(e.num_equations() as u64));
+        group.bench_with_input(BenchmarkId::new(name, e.num_equations()), &e, |b, e| {
+            b.iter(|| black_box(e).analyze().expect("valid"))
         });
     }
     group.finish();
 }
 
 fn bench_kept_indices(c: &mut Criterion) {
-    let e = Equations::llama(80, 8192, 64, 8, 28672);
-    let (eqs, params) = e.sets();
-    let analysis = analyze(&eqs, &params).expect("valid");
+    let analysis = Equations::llama(80, 8192, 64, 8, 28672)
+        .analyze()
+        .expect("valid");
     // Remove every other unit of every group: the 50% plan of the 70B shape.
     let keep: Vec<u8> = (0..analysis.num_units()).map(|u| (u % 2) as u8).collect();
     let mut group = c.benchmark_group("kept_indices_llama");

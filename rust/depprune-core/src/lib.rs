@@ -25,10 +25,12 @@
 //! ```
 
 mod analysis;
+mod builder;
 mod error;
 mod input;
 mod unify;
 
 pub use analysis::{analyze, Analysis};
+pub use builder::EquationBuilder;
 pub use error::CoreError;
 pub use input::{EquationKind, EquationSet, ParamTable};

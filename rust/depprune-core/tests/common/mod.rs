@@ -3,87 +3,17 @@
 
 use std::collections::HashSet;
 
-use depprune_core::{analyze, Analysis, CoreError, EquationSet, ParamTable};
+use depprune_core::{Analysis, EquationBuilder};
 
-/// Builds equation arrays the way the Python side does.
-#[derive(Debug, Clone, Default)]
-pub struct Builder {
-    pub sizes: Vec<i64>,
-    pub kinds: Vec<i64>,
-    pub left: Vec<i64>,
-    pub offsets: Vec<i64>,
-    pub right: Vec<i64>,
-    pub frozen: Vec<i64>,
-    pub row_params: Vec<i64>,
-    pub row_dims: Vec<i64>,
-    pub row_axes: Vec<i64>,
+/// The core's own builder, with a shorthand that expects valid equations.
+pub type Builder = EquationBuilder;
+
+pub trait Solve {
+    fn solve(&self) -> Analysis;
 }
 
-impl Builder {
-    pub fn new() -> Self {
-        Builder {
-            offsets: vec![0],
-            ..Default::default()
-        }
-    }
-    pub fn axis(&mut self, size: i64) -> i64 {
-        self.sizes.push(size);
-        self.sizes.len() as i64 - 1
-    }
-    fn eq(&mut self, kind: i64, left: i64, right: &[i64]) {
-        self.kinds.push(kind);
-        self.left.push(left);
-        self.right.extend_from_slice(right);
-        self.offsets.push(self.right.len() as i64);
-    }
-    pub fn equal(&mut self, a: i64, b: i64) {
-        self.eq(0, a, &[b]);
-    }
-    pub fn sum(&mut self, left: i64, parts: &[i64]) {
-        self.eq(1, left, parts);
-    }
-    pub fn product(&mut self, left: i64, factors: &[i64]) {
-        self.eq(2, left, factors);
-    }
-    pub fn freeze(&mut self, a: i64) {
-        self.frozen.push(a);
-    }
-    /// A parameter dim (rows are numbered in call order).
-    pub fn row(&mut self, param: i64, dim: i64, axis: i64) -> usize {
-        self.row_params.push(param);
-        self.row_dims.push(dim);
-        self.row_axes.push(axis);
-        self.row_axes.len() - 1
-    }
-    /// A parameter of the given axes, one row per dim; returns the rows.
-    pub fn param(&mut self, axes: &[i64]) -> Vec<usize> {
-        let param = self.row_params.iter().max().map_or(0, |p| p + 1);
-        axes.iter()
-            .enumerate()
-            .map(|(d, &a)| self.row(param, d as i64, a))
-            .collect()
-    }
-    pub fn equation_set(&self) -> EquationSet<'_> {
-        EquationSet {
-            axis_sizes: &self.sizes,
-            kinds: &self.kinds,
-            left: &self.left,
-            right_offsets: &self.offsets,
-            right: &self.right,
-            frozen_axes: &self.frozen,
-        }
-    }
-    pub fn param_table(&self) -> ParamTable<'_> {
-        ParamTable {
-            params: &self.row_params,
-            dims: &self.row_dims,
-            axes: &self.row_axes,
-        }
-    }
-    pub fn analyze(&self) -> Result<Analysis, CoreError> {
-        analyze(&self.equation_set(), &self.param_table())
-    }
-    pub fn solve(&self) -> Analysis {
+impl Solve for Builder {
+    fn solve(&self) -> Analysis {
         self.analyze().expect("valid equations")
     }
 }
