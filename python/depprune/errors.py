@@ -1,7 +1,12 @@
 """The exceptions depprune raises; every one says what was wrong and how to fix it.
 
+All derive from :class:`DeppruneError`; those about bad arguments are also
+``ValueError``, so ``except ValueError`` keeps working.
+
 >>> import depprune
 >>> issubclass(depprune.InvalidEquationsError, ValueError)
+True
+>>> issubclass(depprune.SelectionError, depprune.DeppruneError)
 True
 """
 
@@ -9,9 +14,14 @@ from __future__ import annotations
 
 __all__ = [
     "DeppruneError",
+    "ImportanceError",
     "InternalError",
     "InvalidEquationsError",
     "InvalidPlanError",
+    "PlanMismatchError",
+    "SelectionError",
+    "TraceError",
+    "UnsupportedOpError",
 ]
 
 
@@ -24,7 +34,27 @@ class InvalidEquationsError(DeppruneError, ValueError):
 
 
 class InvalidPlanError(DeppruneError, ValueError):
-    """A keep choice or group id does not fit the graph it is applied to."""
+    """A keep choice, group id or plan file does not fit the graph it is applied to."""
+
+
+class PlanMismatchError(InvalidPlanError):
+    """The plan does not fit the model it is applied to (names, shapes, indices)."""
+
+
+class ImportanceError(DeppruneError, ValueError):
+    """An importance could not be computed (no gradients, wrong shape, ...)."""
+
+
+class SelectionError(DeppruneError, ValueError):
+    """Ratios, scopes or constraints that cannot be used."""
+
+
+class TraceError(DeppruneError, ValueError):
+    """The model could not be traced with the example inputs given."""
+
+
+class UnsupportedOpError(DeppruneError, NotImplementedError):
+    """The model calls an ATen op that has no axis rule (raised with ``strict=True``)."""
 
 
 class InternalError(DeppruneError, RuntimeError):

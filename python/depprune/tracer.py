@@ -1,0 +1,378 @@
+"""Record one forward pass at the ATen level and turn it into axis equations.
+
+:func:`record` runs the model once under a ``TorchDispatchMode`` that gives
+every tensor it sees one axis per dim and hands every ATen call to its rule
+in :mod:`depprune.rules`. Tensor values are never read, so a model built on
+the meta device traces without weights.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> result = record(model, torch.zeros(3, 4))
+>>> [(g.size, g.members) for g in result.equations.solve().groups]
+[(8, (('0.weight', 0), ('0.bias', 0), ('2.weight', 1)))]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from depprune.equations import SUM, AxisEquations
+from depprune.errors import DeppruneError, TraceError, UnsupportedOpError
+from depprune.rules import rule_for
+from depprune.rules.common import Axes, OpCall, freeze_all
+
+__all__ = ["TraceResult", "record", "split_inputs"]
+
+
+@dataclass
+class TraceResult:
+    """What one recorded forward pass gives: equations plus what had to be assumed."""
+
+    #: Axes, equations, frozen axes and parameter dims, ready for ``equations.solve()``.
+    equations: AxisEquations
+    #: ATen ops without an axis rule (their axes are frozen), sorted by name, with counts.
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+    #: What the trace assumed or froze beyond the rules (neutral answers, fused layers).
+    notes: list[str] = field(default_factory=list)
+    #: ATen calls recorded.
+    num_ops: int = 0
+    #: Every parameter and buffer name, tied ones under each of their names.
+    param_names: list[str] = field(default_factory=list)
+    #: Axes of every input tensor, then of every output tensor, in pytree order (all frozen).
+    input_axes: list[tuple[int, ...]] = field(default_factory=list)
+    output_axes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+_aten = torch.ops.aten
+_MISSING = object()
+#: Calls that read tensor values; on meta tensors they get a neutral answer instead.
+_DATA_DEPENDENT = {
+    _aten._local_scalar_dense.default: ".item() (aten._local_scalar_dense) on a meta tensor",
+    _aten.is_nonzero.default: "bool() (aten.is_nonzero) on a meta tensor",
+    _aten.equal.default: "torch.equal (aten.equal) on meta tensors",
+}
+#: Modules whose fused kernels mix gates in ways no equation expresses; their params freeze.
+_FROZEN_MODULES = (nn.RNNBase, nn.RNNCellBase)
+
+
+class _Recorder(TorchDispatchMode):
+    """Gives tensors axes and turns each ATen call into equations through its rule."""
+
+    def __init__(self, equations: AxisEquations, strict: bool) -> None:
+        super().__init__()
+        self.equations = equations
+        self.strict = strict
+        self.axes: dict[int, Axes] = {}
+        # Keeps every tensor seen alive so that no id() is reused during the trace.
+        self.alive: list[torch.Tensor] = []
+        self.rules: dict[Any, Any] = {}
+        self.unsupported: Counter[str] = Counter()
+        self.notes: Counter[str] = Counter()
+        self.num_ops = 0
+        self.error: DeppruneError | None = None
+
+    def axes_of(self, tensor: torch.Tensor) -> Axes:
+        """The tensor's axes, fresh ones if it was not seen before."""
+        axes = self.axes.get(id(tensor))
+        if axes is None:
+            axes = self.fresh(tensor)
+        return axes
+
+    def fresh(self, tensor: torch.Tensor) -> Axes:
+        axes = Axes(map(self.equations.axis, tensor.shape))
+        self.axes[id(tensor)] = axes
+        self.alive.append(tensor)
+        return axes
+
+    def _output_axes(self, tensor: torch.Tensor) -> Axes:
+        axes = self.axes.get(id(tensor))
+        if axes is None:
+            return self.fresh(tensor)
+        # In-place ops return their input; only a shape change (unsqueeze_) needs new axes.
+        sizes = self.equations.axis_sizes
+        if len(axes) != tensor.dim() or any(
+            sizes[a] != s for a, s in zip(axes, tensor.shape, strict=True)
+        ):
+            return self.fresh(tensor)
+        return axes
+
+    def _wrap(self, values: Iterable[Any]) -> tuple:
+        wrapped = []
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                wrapped.append(self.axes_of(value))
+            elif type(value) in (list, tuple):
+                wrapped.append(
+                    [self.axes_of(v) if isinstance(v, torch.Tensor) else v for v in value]
+                )
+            else:
+                wrapped.append(value)
+        return tuple(wrapped)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        rule = self.rules.get(func, _MISSING)
+        if rule is _MISSING:
+            rule = self.rules[func] = rule_for(func)
+        if rule is None or func in _DATA_DEPENDENT:
+            # The rare paths, kept off the per-op fast path.
+            if func in _DATA_DEPENDENT and args and args[0].is_meta:
+                return self._neutral(func, args[0])
+            if rule is None and self.strict:
+                self.error = UnsupportedOpError(
+                    f"{func.overloadpacket} has no axis rule; pass strict=False to freeze its "
+                    "axes, or add a rule in depprune/rules"
+                )
+                raise self.error
+        if kwargs is None:
+            kwargs = {}
+        in_args = self._wrap(args)
+        in_kwargs = dict(zip(kwargs, self._wrap(kwargs.values()), strict=True)) if kwargs else {}
+        out = func(*args, **kwargs)
+        self.num_ops += 1
+        if isinstance(out, torch.Tensor):
+            # The common case inline: a new tensor gets fresh axes.
+            axes = self.axes.get(id(out))
+            outputs = [self.fresh(out) if axes is None else self._output_axes(out)]
+        elif isinstance(out, (tuple, list)):
+            outputs = [self._output_axes(t) if isinstance(t, torch.Tensor) else None for t in out]
+        else:
+            outputs = []
+        call = OpCall(func, in_args, in_kwargs, outputs, args)
+        if rule is None:
+            self.unsupported[str(func.overloadpacket)] += 1
+            freeze_all(self.equations, call)
+            return out
+        try:
+            note = rule(self.equations, call)
+        except Exception as exc:
+            # A rule that cannot read this call must not guess: its axes freeze.
+            freeze_all(self.equations, call)
+            note = f"the {func.overloadpacket} rule failed ({exc!r}); its axes are frozen"
+        if note:
+            self.notes[note] += 1
+        return out
+
+    def _neutral(self, func, tensor: torch.Tensor) -> Any:
+        if func is _aten._local_scalar_dense.default:
+            if tensor.dtype is torch.bool:
+                answer: Any = False
+            elif tensor.dtype.is_complex:
+                answer = 0j
+            elif tensor.dtype.is_floating_point:
+                answer = 0.0
+            else:
+                answer = 0
+        else:
+            answer = func is _aten.equal.default
+        self.notes[f"{_DATA_DEPENDENT[func]} was answered {answer!r}"] += 1
+        return answer
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Positional and keyword inputs from a tensor, a tuple or list, or a dict."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _on_meta(model: nn.Module) -> bool:
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return first is not None and first.is_meta
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def _freeze(equations: AxisEquations, axes: Iterable[int]) -> None:
+    for axis in axes:
+        equations.freeze(axis)
+
+
+def record(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ignored: Iterable[nn.Module] = (),
+    strict: bool = False,
+) -> TraceResult:
+    """Run ``model`` once on ``example_inputs`` and return its axis equations.
+
+    ``example_inputs`` is a tensor, a tuple or list of positional inputs, or a
+    dict of keyword inputs; on a model whose parameters are on the meta
+    device, input tensors are moved to meta. Inputs, outputs and the
+    parameters of ``ignored`` modules (and of LSTM/GRU/RNN modules) are
+    frozen. Ops without a rule are frozen and listed in ``unsupported_ops``;
+    ``strict=True`` raises :class:`UnsupportedOpError` instead. Tensors seen
+    during the pass are kept alive until it ends (cheap on meta).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> with torch.device("meta"):
+    ...     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1))
+    >>> result = record(model, torch.zeros(1, 3, 8, 8))
+    >>> [g.size for g in result.equations.solve().groups], result.unsupported_ops
+    ([8], {})
+    """
+    if not callable(model):
+        raise TraceError(f"model must be an nn.Module (or a callable); got {type(model).__name__}")
+    ignored = tuple(ignored)
+    for module in ignored:
+        if not isinstance(module, nn.Module):
+            raise TraceError(
+                f"ignored must hold nn.Module objects (submodules of the model); "
+                f"got {type(module).__name__}"
+            )
+    args, kwargs = split_inputs(example_inputs)
+    if isinstance(model, nn.Module) and _on_meta(model):
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+
+    equations = AxisEquations()
+    recorder = _Recorder(equations, strict)
+    notes = _register_model(model, recorder, ignored) if isinstance(model, nn.Module) else []
+    input_axes = [recorder.axes_of(t) for t in _tensor_leaves((args, kwargs))]
+    for axes in input_axes:
+        _freeze(equations, axes)
+
+    model_name = type(model).__name__
+    try:
+        with torch.no_grad(), recorder:
+            output = model(*args, **kwargs)
+    except DeppruneError:
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"example_inputs did not run model {model_name}: {type(exc).__name__}: {exc}. "
+            "Pass the inputs its forward takes: a tensor, a tuple of positional "
+            "inputs or a dict of keyword inputs"
+        ) from exc
+    if recorder.error is not None:
+        # The model swallowed the strict-mode error; it still stands.
+        raise recorder.error
+
+    output_axes = [recorder.axes_of(t) for t in _tensor_leaves(output)]
+    for axes in output_axes:
+        _freeze(equations, axes)
+    notes += _freeze_unrelated_params(equations)
+    _freeze_leftovers(equations)
+    notes += [f"{note} (x{count})" if count > 1 else note for note, count in recorder.notes.items()]
+    return TraceResult(
+        equations=equations,
+        unsupported_ops=dict(sorted(recorder.unsupported.items())),
+        notes=notes,
+        num_ops=recorder.num_ops,
+        param_names=list(equations.param_names),
+        input_axes=[tuple(a) for a in input_axes],
+        output_axes=[tuple(a) for a in output_axes],
+    )
+
+
+def _register_model(
+    model: nn.Module, recorder: _Recorder, ignored: tuple[nn.Module, ...]
+) -> list[str]:
+    """Give parameters and buffers their axes; freeze ignored and recurrent modules."""
+    equations = recorder.equations
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        for dim, axis in enumerate(recorder.axes_of(tensor)):
+            equations.param(name, dim, axis)
+    notes = []
+    recurrent = [m for m in model.modules() if isinstance(m, _FROZEN_MODULES)]
+    if recurrent:
+        notes.append(
+            f"{len(recurrent)} recurrent module(s) ({type(recurrent[0]).__name__}, ...): "
+            "their gates are interleaved in fused kernels, so their parameters are frozen"
+        )
+    for module in (*ignored, *recurrent):
+        for tensor in (*module.parameters(), *module.buffers()):
+            _freeze(equations, recorder.axes_of(tensor))
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            _multihead_attention_widths(equations, recorder, module)
+    return notes
+
+
+def _multihead_attention_widths(
+    equations: AxisEquations, recorder: _Recorder, module: nn.MultiheadAttention
+) -> None:
+    """nn.MultiheadAttention has one ``embed_dim``: query width, q/k/v width and output.
+
+    Its fused kernel says so in the trace, its decomposed path (training,
+    ``need_weights``) does not; these equations hold on both paths.
+    """
+    embed = recorder.axes_of(module.out_proj.weight)
+    equations.equal(embed[0], embed[1])
+    if module.in_proj_weight is not None:
+        # Rows are q, k, v one after another: product(3, embed_dim), as the decomposed
+        # path's unflatten says; which of q, k, v is not a prunable choice.
+        packed = recorder.axes_of(module.in_proj_weight)
+        which = equations.axis(3)
+        equations.freeze(which)
+        equations.product(packed[0], [which, embed[1]])
+        equations.equal(packed[1], embed[1])
+    else:
+        for weight in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
+            equations.equal(recorder.axes_of(weight)[0], embed[1])
+        equations.equal(recorder.axes_of(module.q_proj_weight)[1], embed[1])
+
+
+def _freeze_leftovers(equations: AxisEquations) -> None:
+    """Freeze axes whose units cannot be removed: size-1 axes and unused slices of params.
+
+    Removing the only unit of a size-1 axis empties its tensors. A slice of a
+    parameter or buffer (``position_ids[:, :seq]``) leaves a rest that
+    nothing reads: its length is capacity, not structure.
+    """
+    sizes = np.asarray(equations.axis_sizes, dtype=np.int64)
+    for axis in np.nonzero(sizes == 1)[0].tolist():
+        equations.freeze(axis)
+    kinds = np.asarray(equations.kinds, dtype=np.int64)
+    sums = np.nonzero(kinds == SUM)[0]
+    if sums.size == 0:
+        return
+    lefts = np.asarray(equations.lefts, dtype=np.int64)
+    rights = np.asarray(equations.rights, dtype=np.int64)
+    offsets = equations.right_offsets
+    uses = np.bincount(np.concatenate([lefts, rights]), minlength=sizes.size)
+    is_param = np.zeros(sizes.size, dtype=bool)
+    is_param[np.asarray(equations.row_axes, dtype=np.int64)] = True
+    for row in sums[is_param[lefts[sums]]].tolist():
+        for part in rights[offsets[row] : offsets[row + 1]].tolist():
+            if uses[part] == 1:
+                equations.freeze(part)
+
+
+def _freeze_unrelated_params(equations: AxisEquations) -> list[str]:
+    """Freeze parameter dims no equation touches (unused parameters); say which."""
+    touched = np.zeros(equations.num_axes, dtype=bool)
+    for listed in (equations.lefts, equations.rights, equations.frozen_axes):
+        touched[np.asarray(listed, dtype=np.int64)] = True
+    row_axes = np.asarray(equations.row_axes, dtype=np.int64)
+    loose = np.unique(row_axes[~touched[row_axes]])
+    for axis in loose.tolist():
+        equations.freeze(axis)
+    sizes = np.asarray(equations.axis_sizes, dtype=np.int64)
+    rows = np.nonzero(~touched[row_axes] & (sizes[row_axes] > 1))[0]
+    if rows.size == 0:
+        return []
+    names = sorted({equations.param_names[equations.row_params[r]] for r in rows.tolist()})
+    shown = ", ".join(names[:5]) + (f", ... (+{len(names) - 5} more)" if len(names) > 5 else "")
+    return [
+        f"{len(names)} parameter(s) or buffer(s) unused by the forward pass are frozen: {shown}"
+    ]
