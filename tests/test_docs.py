@@ -11,6 +11,20 @@ MODULES = [
     "depprune.errors",
     "depprune.graph",
     "depprune.demo",
+    "depprune.api",
+    "depprune.apply",
+    "depprune.plan",
+    "depprune.selection",
+    "depprune.importance",
+    "depprune.tracer",
+    "depprune.rules",
+    "depprune.rules.common",
+    "depprune.rules.elementwise",
+    "depprune.rules.index",
+    "depprune.rules.linalg",
+    "depprune.rules.nn",
+    "depprune.rules.reduce",
+    "depprune.rules.shape",
 ]
 
 

@@ -8,23 +8,40 @@
 [4]
 """
 
+from depprune.api import PruneReport, make_plan, prune, trace
 from depprune.equations import AxisEquations
 from depprune.errors import (
     DeppruneError,
+    ImportanceError,
     InternalError,
     InvalidEquationsError,
     InvalidPlanError,
+    PlanMismatchError,
+    SelectionError,
+    TraceError,
+    UnsupportedOpError,
 )
 from depprune.graph import DependencyGraph, Group
+from depprune.plan import Plan
 
 __all__ = [
     "AxisEquations",
     "DependencyGraph",
     "DeppruneError",
     "Group",
+    "ImportanceError",
     "InternalError",
     "InvalidEquationsError",
     "InvalidPlanError",
+    "Plan",
+    "PlanMismatchError",
+    "PruneReport",
+    "SelectionError",
+    "TraceError",
+    "UnsupportedOpError",
+    "make_plan",
+    "prune",
+    "trace",
 ]
 
 __version__ = "0.1.0"

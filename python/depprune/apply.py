@@ -17,6 +17,7 @@ it was. Tensors are cut with ``index_select`` on their own device and dtype;
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,16 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from depprune.errors import DeppruneError
+from depprune.errors import PlanMismatchError
 
-__all__ = ["PlanMismatchError", "apply_kept_indices"]
+__all__ = ["PlanMismatchError", "apply_kept_indices", "named_tensors"]
 
 ParamDim = tuple[str, int]
 Kept = Mapping[ParamDim, "torch.Tensor | np.ndarray"]
-
-
-class PlanMismatchError(DeppruneError, ValueError):
-    """The plan does not fit the model it is applied to."""
 
 
 @dataclass
@@ -45,7 +42,7 @@ class _Cut:
     new: torch.Tensor
 
 
-def _named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
+def named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
     """Every parameter and buffer under all its names (tied ones too)."""
     found: dict[str, tuple[nn.Module, str, bool]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -69,7 +66,7 @@ def _plan_cuts(
     model: nn.Module, kept: Kept
 ) -> tuple[list[_Cut], dict[str, dict[int, torch.Tensor]]]:
     """Check the plan against the model and build every new tensor."""
-    tensors = _named_tensors(model)
+    tensors = named_tensors(model)
     originals: dict[int, torch.Tensor] = {}
     dims_of: dict[int, dict[int, torch.Tensor]] = {}
     changed: dict[str, dict[int, torch.Tensor]] = {}
@@ -123,9 +120,13 @@ class _View:
     """What a fixer may read: new shapes and kept indices, by full tensor name."""
 
     def __init__(self, model: nn.Module, cuts: list[_Cut], changed: Mapping) -> None:
-        self._tensors = {n: getattr(m, a) for n, (m, a, _) in _named_tensors(model).items()}
+        self._tensors = {n: getattr(m, a) for n, (m, a, _) in named_tensors(model).items()}
         self._new_shape = {id(c.old): c.new.shape for c in cuts}
         self.changed = changed
+        self.tensors = self._tensors
+
+    def old_shape(self, name: str) -> torch.Size:
+        return self._tensors[name].shape
 
     def shape(self, name: str) -> torch.Size:
         tensor = self._tensors[name]
@@ -183,33 +184,141 @@ def _fix_hf_conv1d(m: nn.Module, p: str, v: _View) -> dict:
     return {"nf": v.shape(p + "weight")[1]}
 
 
-def _fix_hf_attention(m: nn.Module, p: str, v: _View) -> dict:
-    """q/k/v projections viewed as (heads, head_dim): count what each kept."""
-    head_dim = m.head_dim
-    q_rows, k_rows = v.cut(p + "q_proj.weight", 0), v.cut(p + "k_proj.weight", 0)
-    q_size = v.shape(p + "q_proj.weight")[0]
-    k_size = v.shape(p + "k_proj.weight")[0]
-    heads = m.q_proj.weight.shape[0] // head_dim
-    kv_heads = m.k_proj.weight.shape[0] // head_dim
-    if q_rows is not None:
-        heads = _kept_groups(q_rows, head_dim)
-    if k_rows is not None:
-        kv_heads = _kept_groups(k_rows, head_dim)
-    new = {"head_dim": q_size // heads}
-    if k_size // kv_heads != new["head_dim"]:
+def _heads_kept(v: _View, name: str, head_dim: int, start: int, stop: int) -> tuple[int, int]:
+    """(heads, head_dim) kept by rows ``start:stop`` of ``name``, viewed as (heads, head_dim)."""
+    rows = v.cut(name, 0)
+    if rows is None:
+        return (stop - start) // head_dim, head_dim
+    rows = rows[(rows >= start) & (rows < stop)] - start
+    heads = _kept_groups(rows, head_dim)
+    if heads == 0 or rows.numel() % heads:
         raise PlanMismatchError(
-            f"{p[:-1]}: queries would keep head_dim {new['head_dim']} but keys "
-            f"{k_size // kv_heads}; q and k head_dim must be pruned together"
+            f"{name}: the plan keeps {rows.numel()} rows in {heads} heads, which is not a "
+            "whole number of rows per head; heads must keep equal head_dim"
         )
+    return heads, rows.numel() // heads
+
+
+def _attention_attrs(
+    m: nn.Module, where: str, heads: int, kv_heads: int, head_dim: int, v_head_dim: int | None
+) -> dict:
+    """The new head counts and head_dim under every attribute name attention modules use."""
+    if v_head_dim is not None and v_head_dim != head_dim:
+        raise PlanMismatchError(
+            f"{where}: queries would keep head_dim {head_dim} but values {v_head_dim}; "
+            "this attention needs one head_dim, so prune them to the same size"
+        )
+    new: dict = {}
     for attr, value in [
+        ("head_dim", head_dim),
+        ("attention_head_size", head_dim),
         ("num_heads", heads),
         ("num_attention_heads", heads),
+        ("all_head_size", heads * head_dim),
         ("num_key_value_heads", kv_heads),
         ("num_key_value_groups", heads // kv_heads),
     ]:
         if hasattr(m, attr):
             new[attr] = value
-    return new
+    config = {
+        "config.num_attention_heads": heads,
+        "config.num_key_value_heads": kv_heads,
+        "config.head_dim": head_dim,
+    }
+    return new | config
+
+
+def _fix_hf_attention(m: nn.Module, p: str, v: _View) -> dict:
+    """Separate q/k(/v) projections viewed as (heads, head_dim): count what each kept."""
+    head_dim = getattr(m, "head_dim", None) or m.attention_head_size
+    q, k = (
+        (p + "q_proj.weight", p + "k_proj.weight")
+        if hasattr(m, "q_proj")
+        else (
+            p + "query.weight",
+            p + "key.weight",
+        )
+    )
+    heads, q_dim = _heads_kept(v, q, head_dim, 0, v.old_shape(q)[0])
+    kv_heads, k_dim = _heads_kept(v, k, head_dim, 0, v.old_shape(k)[0])
+    if k_dim != q_dim:
+        raise PlanMismatchError(
+            f"{p[:-1]}: queries would keep head_dim {q_dim} but keys {k_dim}; "
+            "q and k head_dim must be pruned together"
+        )
+    return _attention_attrs(m, p[:-1], heads, kv_heads, q_dim, None)
+
+
+def _fix_fused_qkv(m: nn.Module, p: str, v: _View) -> dict:
+    """Phi-3's qkv_proj: rows are [queries | keys | values], sliced by head counts."""
+    head_dim, kv = m.head_dim, m.num_key_value_heads
+    name = p + "qkv_proj.weight"
+    q_rows = v.old_shape(name)[0] - 2 * kv * head_dim
+    heads, q_dim = _heads_kept(v, name, head_dim, 0, q_rows)
+    kv_heads, k_dim = _heads_kept(v, name, head_dim, q_rows, q_rows + kv * head_dim)
+    _, v_dim = _heads_kept(v, name, head_dim, q_rows + kv * head_dim, q_rows + 2 * kv * head_dim)
+    if k_dim != q_dim:
+        raise PlanMismatchError(f"{p[:-1]}: q and k would keep head_dim {q_dim} and {k_dim}")
+    return _attention_attrs(m, p[:-1], heads, kv_heads, q_dim, v_dim)
+
+
+def _fix_gpt2_attention(m: nn.Module, p: str, v: _View) -> dict:
+    """GPT-2's c_attn: columns are [q | k | v] of ``split_size`` each, viewed by head_dim."""
+    name = p + "c_attn.weight"
+    width, head_dim = m.split_size, m.head_dim
+    cols = v.cut(name, 1)
+    parts = []
+    for start in range(0, v.old_shape(name)[1], width):
+        kept = cols[(cols >= start) & (cols < start + width)] - start if cols is not None else None
+        heads = (width // head_dim) if kept is None else _kept_groups(kept, head_dim)
+        parts.append((heads, (width if kept is None else kept.numel()) // max(heads, 1)))
+    if len(set(parts)) != 1:
+        raise PlanMismatchError(
+            f"{p[:-1]}: c_attn would keep (heads, head_dim) {parts} for q, k, v; GPT-2 splits "
+            "them into equal parts, so prune q, k and v to the same sizes"
+        )
+    heads, new_dim = parts[0]
+    attrs = _attention_attrs(m, p[:-1], heads, heads, new_dim, None)
+    attrs.pop("config.num_key_value_heads")
+    return attrs | {"split_size": heads * new_dim, "embed_dim": heads * new_dim}
+
+
+def _fix_multihead_attention(m: nn.Module, p: str, v: _View) -> dict:
+    embed = v.shape(p + "out_proj.weight")[0]
+    if embed % m.num_heads:
+        raise PlanMismatchError(
+            f"{p[:-1]}: embed_dim {embed} would not split into {m.num_heads} heads; "
+            "nn.MultiheadAttention needs embed_dim divisible by num_heads"
+        )
+    new = {"embed_dim": embed, "head_dim": embed // m.num_heads}
+    if m._qkv_same_embed_dim:
+        return new | {"kdim": embed, "vdim": embed}
+    return new | {"kdim": v.shape(p + "k_proj_weight")[1], "vdim": v.shape(p + "v_proj_weight")[1]}
+
+
+def _fix_torchvision_vit(m: nn.Module, p: str, v: _View) -> dict:
+    # Its forward reshapes the patch embedding with hidden_dim.
+    return {"hidden_dim": v.shape(p + "conv_proj.weight")[0]}
+
+
+def _fix_mlp(m: nn.Module, p: str, v: _View) -> dict:
+    """MLP blocks that record their width (Llama-style, BERT, GPT-2): the new width."""
+    if p + "gate_up_proj.weight" in v.tensors:
+        # Phi-3 fuses gate and up and chunks them in two.
+        width = v.shape(p + "gate_up_proj.weight")[0] // 2
+        return {"config.intermediate_size": width}
+    for name, dim in [
+        ("gate_proj.weight", 0),
+        ("up_proj.weight", 0),
+        ("dense.weight", 0),
+        ("c_fc.weight", 1),
+        ("fc1.weight", 0),
+    ]:
+        if p + name in v.tensors:
+            width = v.shape(p + name)[dim]
+            attrs = {"intermediate_size": width} if hasattr(m, "intermediate_size") else {}
+            return attrs | {"config.intermediate_size": width}
+    return {}
 
 
 FIXERS: list[tuple[type, Fixer]] = [
@@ -219,18 +328,107 @@ FIXERS: list[tuple[type, Fixer]] = [
     (nn.LayerNorm, _fix_layer_norm),
     (nn.GroupNorm, _fix_group_norm),
     (nn.Embedding, _fix_embedding),
+    (nn.MultiheadAttention, _fix_multihead_attention),
 ]
+
+
+def _has(module: nn.Module, *attrs: str) -> bool:
+    return all(hasattr(module, a) for a in attrs)
 
 
 def _fixer_for(module: nn.Module) -> Fixer | None:
     for cls, fixer in FIXERS:
         if isinstance(module, cls):
             return fixer
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    kind = type(module).__name__
+    # Modules from other libraries, recognised by what they hold rather than imported.
+    if kind == "Conv1D" and hasattr(module, "nf"):
         return _fix_hf_conv1d
-    if all(hasattr(module, a) for a in ("q_proj", "k_proj", "head_dim")):
+    if _has(module, "qkv_proj", "head_dim", "num_key_value_heads"):
+        return _fix_fused_qkv
+    if _has(module, "c_attn", "split_size", "head_dim"):
+        return _fix_gpt2_attention
+    if _has(module, "q_proj", "k_proj", "head_dim") or _has(
+        module, "query", "key", "attention_head_size"
+    ):
         return _fix_hf_attention
+    if kind == "VisionTransformer" and _has(module, "conv_proj", "hidden_dim"):
+        return _fix_torchvision_vit
+    if kind.endswith(("MLP", "Intermediate")) or _has(module, "intermediate_size"):
+        return _fix_mlp
     return None
+
+
+def _uniform_config(
+    model: nn.Module, view: _View, changes: list[tuple[nn.Module, dict]]
+) -> dict[str, object]:
+    """Config fields every layer agrees on, plus the hidden size from the input embedding.
+
+    A config that cannot describe the pruned model (layers of different
+    widths, or a head_dim the config derives from hidden_size and the head
+    count) is left as it was, with a warning: the pruned model runs, but
+    ``from_pretrained`` could not rebuild it.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    values: dict[str, set] = {}
+    for _, attrs in changes:
+        for key, value in attrs.items():
+            if key.startswith("config."):
+                values.setdefault(key.removeprefix("config."), set()).add(int(value))
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    names = {id(mod): name for name, mod in model.named_modules()}
+    if isinstance(embeddings, nn.Embedding) and id(embeddings) in names:
+        values["hidden_size"] = {int(view.shape(f"{names[id(embeddings)]}.weight")[1])}
+    elif isinstance(getattr(embeddings, "projection", None), nn.Conv2d):
+        # Vision transformers embed patches with a conv: its channels are the hidden size.
+        values["hidden_size"] = {int(view.shape(f"{names[id(embeddings)]}.projection.weight")[0])}
+    uneven = {key: sorted(found) for key, found in values.items() if len(found) > 1}
+    if uneven:
+        _config_warning(f"layers keep different sizes {uneven}")
+        return {}
+    new = {key: found.pop() for key, found in values.items()}
+    if getattr(config, "model_type", "") == "gpt2" and "intermediate_size" in new:
+        new["n_inner"] = new.pop("intermediate_size")
+    if "head_dim" in new and new["head_dim"] == getattr(config, "head_dim", None):
+        del new["head_dim"]
+    new = {key: value for key, value in new.items() if getattr(config, key, None) != value}
+    if new:
+        mismatch = _rebuild_mismatch(model, config, new, view)
+        if mismatch:
+            _config_warning(f"a config with {new} builds {mismatch}")
+            return {}
+    return new
+
+
+def _config_warning(why: str) -> None:
+    warnings.warn(
+        f"the pruned model runs, but its config cannot describe it ({why}), so the config is "
+        "left unchanged and from_pretrained could not rebuild the model. Prune every layer by "
+        "the same ratio, and heads rather than head_dim where the config derives head_dim "
+        "from hidden_size, to keep a standard config",
+        stacklevel=4,
+    )
+
+
+def _rebuild_mismatch(model: nn.Module, config, new: dict, view: _View) -> str:
+    """Build the architecture from the updated config on meta and compare tensor shapes."""
+    import copy
+
+    candidate = copy.deepcopy(config)
+    for key, value in new.items():
+        setattr(candidate, key, value)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rebuilt = type(model)(candidate)
+    except Exception as exc:  # a config the architecture rejects is not describable either
+        return f"no model ({type(exc).__name__}: {exc})"
+    for name, tensor in rebuilt.state_dict().items():
+        if name in view.tensors and tuple(tensor.shape) != tuple(view.shape(name)):
+            return f"{name} of shape {tuple(tensor.shape)}, not {tuple(view.shape(name))}"
+    return ""
 
 
 def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, dict]]:
@@ -243,6 +441,16 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
         if fixer in (_fix_layer_norm, _fix_group_norm) and module.weight is None:
             continue
         changes.append((module, fixer(module, prefix, view)))
+    config_changes = _uniform_config(model, view, changes)
+    changes = [(m, {k: v for k, v in a.items() if "." not in k}) for m, a in changes]
+    if config_changes:
+        changes.append((model.config, config_changes))
+        hidden = config_changes.get("hidden_size")
+        if hidden is not None:
+            # Decoder layers and MLPs keep a copy of the hidden size.
+            for module in model.modules():
+                if isinstance(getattr(module, "hidden_size", None), int):
+                    changes.append((module, {"hidden_size": hidden}))
     return changes
 
 

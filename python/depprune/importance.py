@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from depprune.errors import DeppruneError
+from depprune.errors import ImportanceError
 from depprune.graph import DependencyGraph, Group
 
 __all__ = [
@@ -37,10 +37,6 @@ __all__ = [
     "score_groups",
     "taylor",
 ]
-
-
-class ImportanceError(DeppruneError, ValueError):
-    """An importance could not be computed (no gradients, wrong shape, ...)."""
 
 
 @dataclass

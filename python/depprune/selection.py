@@ -25,16 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from depprune.errors import DeppruneError
+from depprune.errors import SelectionError
 from depprune.graph import DependencyGraph, Group
 
-__all__ = ["SelectionError", "lowest", "select", "units_to_keep"]
+__all__ = ["SelectionError", "check_ratios", "lowest", "select", "units_to_keep"]
 
 Scope = nn.Module | tuple[nn.Module, ...]
-
-
-class SelectionError(DeppruneError, ValueError):
-    """Ratios, scopes or constraints that cannot be used."""
 
 
 def _check_ratio(ratio: float, where: str) -> float:
@@ -83,6 +79,41 @@ def _inside(name: str, prefixes: Iterable[str]) -> bool:
     return any(name.startswith(p) for p in prefixes)
 
 
+def check_ratios(
+    model: nn.Module,
+    ratio: float,
+    ratios: Mapping[Scope, float] | None = None,
+    ignored: Iterable[nn.Module] = (),
+    round_to: int | None = None,
+    min_units: int = 1,
+) -> list[tuple[tuple[str, ...], float]]:
+    """Validate ratios, scopes and constraints; return ``(prefixes, ratio)``, most specific first.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> check_ratios(model, 0.5, {model[0]: 0.25})
+    [(('0.',), 0.25)]
+    >>> check_ratios(model, 1.5)
+    Traceback (most recent call last):
+    ...
+    depprune.errors.SelectionError: ratio is 1.5; a ratio is the fraction of units to remove, in [0, 1)
+    """
+    _check_ratio(ratio, "ratio")
+    if not isinstance(min_units, int) or min_units < 1:
+        raise SelectionError(f"min_units is {min_units!r}; every group must keep at least 1 unit")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise SelectionError(f"round_to is {round_to!r}; it must be a positive unit count")
+    names = _module_names(model)
+    if ignored:
+        _scope_prefixes(model, tuple(ignored), names)
+    scopes: list[tuple[tuple[str, ...], float]] = []
+    for scope, value in (ratios or {}).items():
+        prefixes = _scope_prefixes(model, scope, names)
+        scopes.append((prefixes, _check_ratio(value, f"the ratio of {prefixes}")))
+    scopes.sort(key=lambda s: -max(len(p) for p in s[0]))
+    return scopes
+
+
 def select(
     graph: DependencyGraph,
     scores: Mapping[int, torch.Tensor],
@@ -100,19 +131,9 @@ def select(
     Groups without scores, and groups with a member inside an ``ignored``
     module, are kept whole.
     """
-    _check_ratio(ratio, "ratio")
-    if min_units < 1:
-        raise SelectionError(f"min_units is {min_units}; every group must keep at least 1 unit")
-    if round_to is not None and round_to < 1:
-        raise SelectionError(f"round_to is {round_to}; it must be a positive unit count")
+    scopes = check_ratios(model, ratio, ratios, ignored, round_to, min_units)
     names = _module_names(model)
     ignored_prefixes = _scope_prefixes(model, tuple(ignored), names) if ignored else ()
-    # Scopes from the most specific (longest module name) down; the model is the default.
-    scopes: list[tuple[tuple[str, ...], float]] = []
-    for scope, value in (ratios or {}).items():
-        prefixes = _scope_prefixes(model, scope, names)
-        scopes.append((prefixes, _check_ratio(value, f"the ratio of {prefixes}")))
-    scopes.sort(key=lambda s: -max(len(p) for p in s[0]))
 
     by_scope: dict[int, list[Group]] = {}
     scope_ratio = [value for _, value in scopes] + [ratio]

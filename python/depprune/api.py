@@ -1,0 +1,231 @@
+"""The one-call API: trace a model, score, select, apply, report.
+
+>>> import torch, depprune
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+>>> report = depprune.prune(model, torch.randn(2, 8), ratio=0.5)
+>>> model[0].out_features, report.params_after < report.params_before
+(8, True)
+>>> print(report)  # doctest: +NORMALIZE_WHITESPACE
+                      before           after    kept
+parameters               212             108   50.9%
+MACs                     384             192   50.0%
+<BLANKLINE>
+group  kind              units  first member
+    0  neurons         16 -> 8  0.weight[0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from depprune.errors import TraceError
+from depprune.graph import DependencyGraph, Group
+from depprune.importance import Importance, ScoreContext, magnitude, score_groups
+from depprune.plan import GroupChoice, Plan
+from depprune.selection import Scope, check_ratios, select
+from depprune.tracer import record, split_inputs
+
+__all__ = ["PruneReport", "group_kind", "make_plan", "prune", "trace"]
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ignored: Iterable[nn.Module] = (),
+    strict: bool = False,
+) -> DependencyGraph:
+    """Record one forward pass of ``model`` and return its dependency graph.
+
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of
+    keyword inputs. The graph's ``unsupported_ops`` lists ATen ops without a
+    rule (their axes were frozen); ``strict=True`` raises instead.
+    """
+    result = record(model, example_inputs, ignored=tuple(ignored), strict=strict)
+    graph = result.equations.solve()
+    graph.unsupported_ops = result.unsupported_ops
+    graph.notes = result.notes
+    return graph
+
+
+def group_kind(group: Group, graph: DependencyGraph, model: nn.Module) -> str:
+    """A hint of what a group's units are: hidden, heads, head_dim, channels or neurons."""
+    owners = dict(model.named_modules())
+    member_modules = [owners.get(name.rpartition(".")[0]) for name, _ in group.members]
+    if any(isinstance(m, nn.Embedding) for m in member_modules):
+        return "hidden"
+    # A unit that covers a block of consecutive indices in some member is a head.
+    for unit_map in graph.unit_maps(group).values():
+        on = unit_map[unit_map >= 0]
+        if on.size > group.size:
+            return "heads" if np.all(np.diff(on) >= 0) else "head_dim"
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in member_modules):
+        return "channels"
+    return "neurons"
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward pass (matmuls and convolutions)."""
+    args, kwargs = split_inputs(example_inputs)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*args, **kwargs)
+    return counter.get_total_flops() // 2
+
+
+@dataclass
+class PruneReport:
+    """What a prune did: sizes before and after, and the units each group kept."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    plan: Plan
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def ratio(after: int, before: int) -> str:
+            return f"{after / before:.1%}" if before else "-"
+
+        lines = [
+            f"{'':<12}{'before':>16}{'after':>16}{'kept':>8}",
+            f"{'parameters':<12}{self.params_before:>16,}{self.params_after:>16,}"
+            f"{ratio(self.params_after, self.params_before):>8}",
+            f"{'MACs':<12}{self.macs_before:>16,}{self.macs_after:>16,}"
+            f"{ratio(self.macs_after, self.macs_before):>8}",
+            "",
+            f"{'group':>5}  {'kind':<9}{'units':>14}  first member",
+        ]
+        for g in self.plan.groups:
+            if g.kept < g.size:
+                lines.append(
+                    f"{g.index:>5}  {g.kind:<9}{f'{g.size} -> {g.kept}':>14}  {g.first_member}"
+                )
+        untouched = sum(g.kept == g.size for g in self.plan.groups)
+        if untouched:
+            lines.append(f"{untouched} group(s) kept whole (frozen, ignored or ratio 0)")
+        if self.unsupported_ops:
+            ops = ", ".join(f"{op} x{n}" for op, n in self.unsupported_ops.items())
+            lines.append(f"frozen by ops without a rule: {ops}")
+        return "\n".join(lines)
+
+
+def make_plan(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    graph: DependencyGraph | None = None,
+    ratio: float = 0.5,
+    importance: Importance | None = None,
+    ratios: Mapping[Scope, float] | None = None,
+    ignored: Iterable[nn.Module] = (),
+    round_to: int | None = None,
+    min_units: int = 1,
+    global_ranking: bool = False,
+    strict: bool = False,
+) -> Plan:
+    """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
+
+    Traces ``model`` on ``example_inputs`` (or uses ``graph`` from
+    :func:`trace`), scores every group with ``importance`` (L2 magnitude by
+    default), and removes ``ratio`` of each group's units (``ratios`` per
+    module or tuple of modules, ``ignored`` modules untouched, ``round_to``
+    keeps multiples of N units, ``global_ranking`` ranks a scope's groups
+    together).
+
+    >>> import torch, depprune
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> plan = depprune.make_plan(model, torch.randn(2, 8), ratio=0.25)
+    >>> plan.groups[0].size, plan.groups[0].kept, model[0].out_features
+    (16, 12, 16)
+    """
+    ignored = tuple(ignored)
+    # Check cheap arguments before the trace, so mistakes fail fast.
+    check_ratios(model, ratio, ratios, ignored, round_to, min_units)
+    if graph is None:
+        if example_inputs is None:
+            raise TraceError("make_plan needs example_inputs to trace the model, or a graph")
+        graph = trace(model, example_inputs, ignored=ignored, strict=strict)
+    ctx = ScoreContext.from_model(graph, model)
+    scores = score_groups(list(graph.groups), importance or magnitude(2), ctx)
+    removed = select(
+        graph,
+        scores,
+        model,
+        ratio=ratio,
+        ratios=ratios,
+        ignored=ignored,
+        round_to=round_to,
+        min_units=min_units,
+        global_ranking=global_ranking,
+    )
+    choices = [
+        GroupChoice(
+            index=g.index,
+            kind=group_kind(g, graph, model),
+            size=g.size,
+            kept=g.size - len(removed.get(g.index, ())),
+            first_member=f"{g.members[0][0]}[{g.members[0][1]}]",
+        )
+        for g in graph.groups
+    ]
+    return Plan.from_kept(model, graph.kept_indices(removed), choices)
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float = 0.5,
+    importance: Importance | None = None,
+    ratios: Mapping[Scope, float] | None = None,
+    ignored: Iterable[nn.Module] = (),
+    round_to: int | None = None,
+    min_units: int = 1,
+    global_ranking: bool = False,
+    strict: bool = False,
+    count_macs: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place and return a report; on any error it is left as it was.
+
+    :func:`make_plan` then ``plan.apply(model)``; the report has parameters
+    and MACs (one forward pass each, skipped with ``count_macs=False``)
+    before and after, and the units each group kept. It prints as a table.
+    """
+    graph = trace(model, example_inputs, ignored=ignored, strict=strict)
+    plan = make_plan(
+        model,
+        graph=graph,
+        ratio=ratio,
+        importance=importance,
+        ratios=ratios,
+        ignored=ignored,
+        round_to=round_to,
+        min_units=min_units,
+        global_ranking=global_ranking,
+    )
+    params_before = _count_params(model)
+    macs_before = _count_macs(model, example_inputs) if count_macs else 0
+    plan.apply(model)
+    return PruneReport(
+        params_before=params_before,
+        params_after=_count_params(model),
+        macs_before=macs_before,
+        macs_after=_count_macs(model, example_inputs) if count_macs else 0,
+        plan=plan,
+        unsupported_ops=dict(graph.unsupported_ops),
+        notes=list(graph.notes),
+    )

@@ -1,0 +1,237 @@
+"""Coverage: trace, prune 50% and check every supported architecture.
+
+For each model: pruning every group by half runs, the forward pass keeps
+its output shape, the parameter count equals what the plan predicts, and on
+the groups no normalisation spans, the pruned model gives the same output as
+the unpruned one with the removed units zeroed (the mask oracle).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pruning_oracle import (
+    assert_same_outputs,
+    norm_spanned_groups,
+    outputs,
+    predicted_param_count,
+    zeroed_copy,
+)
+from torch import nn
+
+import depprune
+from depprune.apply import apply_kept_indices
+from depprune.importance import ScoreContext, magnitude, score_groups
+from depprune.plan import Plan
+from depprune.selection import select
+
+
+def plan(model, graph, groups, ratio=0.5):
+    ctx = ScoreContext.from_model(graph, model)
+    scores = score_groups([graph.groups[g] for g in groups], magnitude(2), ctx)
+    return select(graph, scores, model, ratio=ratio)
+
+
+def check_pruning(make_model, example, *, atol=1e-4, min_groups=1):
+    """The shared check: full 50% prune, then the mask oracle on norm-free groups.
+
+    Returns the graph and the fully pruned model.
+    """
+    model = make_model().eval()
+    reference = outputs(model, example)
+    graph = depprune.trace(model, example)
+    assert len(graph.groups) >= min_groups, str(graph)
+
+    removed = plan(model, graph, range(len(graph.groups)))
+    assert removed, "nothing was selected for removal"
+    kept = graph.kept_indices(removed)
+    predicted = predicted_param_count(model, kept)
+    assert Plan.from_kept(model, kept).params_after(model) == predicted
+    apply_kept_indices(model, kept)
+    assert sum(p.numel() for p in model.parameters()) == predicted
+    pruned = outputs(model, example)
+    assert [t.shape for t in pruned] == [t.shape for t in reference]
+    fully_pruned = model
+
+    model = make_model().eval()
+    spanned = norm_spanned_groups(graph, model)
+    free = [g.index for g in graph.groups if g.index not in spanned]
+    if free:
+        removed = plan(model, graph, free)
+        expected = outputs(zeroed_copy(model, graph, removed), example)
+        apply_kept_indices(model, graph.kept_indices(removed))
+        assert_same_outputs(expected, outputs(model, example), atol=atol)
+    return graph, fully_pruned
+
+
+def seeded(factory):
+    def make():
+        torch.manual_seed(0)
+        return factory()
+
+    return make
+
+
+# -- torchvision ---------------------------------------------------------------
+
+tv = pytest.importorskip("torchvision.models")
+
+IMAGE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def small_vgg():
+    model = tv.vgg11_bn(num_classes=10)
+    # The stock classifier is 100M parameters; a narrower head keeps the test quick.
+    model.classifier = nn.Sequential(
+        nn.Linear(512 * 7 * 7, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10)
+    )
+    return model
+
+
+TORCHVISION = {
+    "resnet18": lambda: tv.resnet18(num_classes=10),
+    "resnet50": lambda: tv.resnet50(num_classes=10),
+    "densenet121": lambda: tv.densenet121(num_classes=10),
+    "mobilenet_v2": lambda: tv.mobilenet_v2(num_classes=10),
+    "mobilenet_v3_small": lambda: tv.mobilenet_v3_small(num_classes=10),
+    "efficientnet_b0": lambda: tv.efficientnet_b0(num_classes=10),
+    "vgg11_bn": small_vgg,
+    "resnext50_32x4d": lambda: tv.resnext50_32x4d(num_classes=10),
+    "convnext_tiny": lambda: tv.convnext_tiny(num_classes=10),
+    "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
+    "vit_b_16": lambda: tv.VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=10,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_torchvision_model(name):
+    check_pruning(seeded(TORCHVISION[name]), IMAGE, atol=1e-3)
+
+
+# -- small custom models ---------------------------------------------------------
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 12, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, tokens):
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+def test_lstm_model():
+    tokens = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    check_pruning(seeded(LSTMClassifier), tokens)
+
+
+def test_multihead_attention_model():
+    check_pruning(seeded(AttentionBlock), torch.randn(2, 5, 16))
+
+
+# -- Hugging Face transformers ----------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+TOKENS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+
+LLAMA_LIKE = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+HF = {
+    "LlamaForCausalLM": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**LLAMA_LIKE)
+    ),
+    "Qwen2ForCausalLM": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**LLAMA_LIKE)
+    ),
+    "MistralForCausalLM": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**LLAMA_LIKE)
+    ),
+    "Phi3ForCausalLM": lambda: transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(**LLAMA_LIKE, pad_token_id=0)
+    ),
+    "GPT2LMHeadModel": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    ),
+    "BertModel": lambda: transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ),
+}
+
+
+def assert_config_rebuilds(model):
+    """The updated config describes the pruned model: a model built from it takes its weights."""
+    rebuilt = type(model)(model.config)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
+# Their configs derive head_dim from hidden_size and the head count, so a pruned
+# head_dim cannot be written down; apply warns and leaves the config as it was.
+HEAD_DIM_FROM_HIDDEN = {"BertModel", "GPT2LMHeadModel"}
+
+
+@pytest.mark.parametrize("name", sorted(HF))
+def test_transformers_model(name):
+    if name in HEAD_DIM_FROM_HIDDEN:
+        with pytest.warns(UserWarning, match="config cannot describe it"):
+            check_pruning(seeded(HF[name]), {"input_ids": TOKENS})
+        return
+    _, pruned = check_pruning(seeded(HF[name]), {"input_ids": TOKENS})
+    assert pruned.config.hidden_size == pruned.get_input_embeddings().weight.shape[1]
+    assert_config_rebuilds(pruned)
+
+
+def test_transformers_vit():
+    def make():
+        # A fresh config each time: pruning updates the config the model holds.
+        config = transformers.ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+        return transformers.ViTModel(config)
+
+    graph, pruned = check_pruning(seeded(make), {"pixel_values": IMAGE[:, :, :32, :32]})
+    assert len(graph.groups) >= 4
+    assert pruned.config.hidden_size == pruned.embeddings.patch_embeddings.projection.out_channels
+    assert_config_rebuilds(pruned)
