@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import depprune
-from depprune.demo import llama_equations
+from depprune.synthetic import llama_equations
 
 
 def best_of(repeats: int, work) -> float:

@@ -11,6 +11,8 @@ MODULES = [
     "depprune.errors",
     "depprune.graph",
     "depprune.demo",
+    "depprune.synthetic",
+    "depprune.kinds",
     "depprune.api",
     "depprune.apply",
     "depprune.plan",
@@ -36,14 +38,15 @@ def test_docstring_examples_run(name):
     assert result.failed == 0
 
 
-def test_demo_prints_groups_and_shapes(capsys):
+def test_demo_prunes_and_round_trips(capsys):
     from depprune.demo import main
 
     main(["--layers", "1"])
     out = capsys.readouterr().out
     assert "DependencyGraph(6 groups" in out
-    assert "layers.0.self_attn.q_proj.weight" in out
-    assert "(64, 64)       (8, 32)" in out
+    assert "hidden       256 -> 128  model.embed_tokens.weight[1]" in out
+    assert "neurons      688 -> 344  model.layers.0.mlp.gate_proj.weight[0]" in out
+    assert "save_pretrained + from_pretrained: same logits" in out
 
 
 def test_readme_example_runs(capsys):
@@ -54,5 +57,6 @@ def test_readme_example_runs(capsys):
     example = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
     exec(compile(example, "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "DependencyGraph(2 groups, 20 units" in out
-    assert out.rstrip().endswith("(32,)")
+    assert "DependencyGraph(" in out
+    assert re.search(r"parameters\s+25,557,032\s+[\d,]+", out)
+    assert out.rstrip().endswith("torch.Size([1, 1000])")

@@ -210,12 +210,32 @@ HEAD_DIM_FROM_HIDDEN = {"BertModel", "GPT2LMHeadModel"}
 @pytest.mark.parametrize("name", sorted(HF))
 def test_transformers_model(name):
     if name in HEAD_DIM_FROM_HIDDEN:
-        with pytest.warns(UserWarning, match="config cannot describe it"):
+        with pytest.warns(UserWarning, match="the config is left unchanged"):
             check_pruning(seeded(HF[name]), {"input_ids": TOKENS})
         return
-    _, pruned = check_pruning(seeded(HF[name]), {"input_ids": TOKENS})
+    # Pruning head_dim changes the attention scale and RoPE frequencies a config rebuilds.
+    with pytest.warns(UserWarning, match="loads, but its outputs would differ"):
+        _, pruned = check_pruning(seeded(HF[name]), {"input_ids": TOKENS})
     assert pruned.config.hidden_size == pruned.get_input_embeddings().weight.shape[1]
     assert_config_rebuilds(pruned)
+
+
+@pytest.mark.parametrize("name", sorted(set(HF) - HEAD_DIM_FROM_HIDDEN))
+def test_transformers_round_trip(name, tmp_path, recwarn):
+    """Heads, neurons and hidden pruned: save_pretrained + from_pretrained give the same logits."""
+    model = seeded(HF[name])().eval()
+    report = depprune.prune(
+        model, {"input_ids": TOKENS}, ratio=0.5, kinds=("hidden", "heads", "neurons")
+    )
+    assert not [w for w in recwarn if "config" in str(w.message)]
+    kinds = {g.kind for g in report.plan.groups if g.kept < g.size}
+    assert kinds == {"hidden", "heads", "neurons"}
+    config = model.config
+    assert config.hidden_size == 16 and config.intermediate_size == 32
+    assert config.num_key_value_heads == 1 and config.num_attention_heads == 1
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
 
 
 def test_transformers_vit():
@@ -231,7 +251,9 @@ def test_transformers_vit():
         )
         return transformers.ViTModel(config)
 
-    graph, pruned = check_pruning(seeded(make), {"pixel_values": IMAGE[:, :, :32, :32]})
+    with pytest.warns(UserWarning, match="loads, but its outputs would differ") as caught:
+        graph, pruned = check_pruning(seeded(make), {"pixel_values": IMAGE[:, :, :32, :32]})
+    assert caught[0].filename == __file__, "the warning should point at the caller"
     assert len(graph.groups) >= 4
     assert pruned.config.hidden_size == pruned.embeddings.patch_embeddings.projection.out_channels
     assert_config_rebuilds(pruned)

@@ -20,19 +20,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from depprune.errors import TraceError
-from depprune.graph import DependencyGraph, Group
+from depprune.errors import SelectionError, TraceError
+from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
+from depprune.kinds import KINDS, group_kind
 from depprune.plan import GroupChoice, Plan
 from depprune.selection import Scope, check_ratios, select
 from depprune.tracer import record, split_inputs
 
-__all__ = ["PruneReport", "group_kind", "make_plan", "prune", "trace"]
+__all__ = ["PruneReport", "make_plan", "prune", "trace"]
 
 
 def trace(
@@ -53,22 +53,6 @@ def trace(
     graph.unsupported_ops = result.unsupported_ops
     graph.notes = result.notes
     return graph
-
-
-def group_kind(group: Group, graph: DependencyGraph, model: nn.Module) -> str:
-    """A hint of what a group's units are: hidden, heads, head_dim, channels or neurons."""
-    owners = dict(model.named_modules())
-    member_modules = [owners.get(name.rpartition(".")[0]) for name, _ in group.members]
-    if any(isinstance(m, nn.Embedding) for m in member_modules):
-        return "hidden"
-    # A unit that covers a block of consecutive indices in some member is a head.
-    for unit_map in graph.unit_maps(group).values():
-        on = unit_map[unit_map >= 0]
-        if on.size > group.size:
-            return "heads" if np.all(np.diff(on) >= 0) else "head_dim"
-    if any(isinstance(m, nn.modules.conv._ConvNd) for m in member_modules):
-        return "channels"
-    return "neurons"
 
 
 def _count_params(model: nn.Module) -> int:
@@ -135,6 +119,7 @@ def make_plan(
     round_to: int | None = None,
     min_units: int = 1,
     global_ranking: bool = False,
+    kinds: Iterable[str] | None = None,
     strict: bool = False,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
@@ -144,7 +129,8 @@ def make_plan(
     default), and removes ``ratio`` of each group's units (``ratios`` per
     module or tuple of modules, ``ignored`` modules untouched, ``round_to``
     keeps multiples of N units, ``global_ranking`` ranks a scope's groups
-    together).
+    together, ``kinds`` limits pruning to groups of those kinds, from
+    :data:`depprune.kinds.KINDS`, e.g. ``("heads", "neurons")``).
 
     >>> import torch, depprune
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -155,12 +141,15 @@ def make_plan(
     ignored = tuple(ignored)
     # Check cheap arguments before the trace, so mistakes fail fast.
     check_ratios(model, ratio, ratios, ignored, round_to, min_units)
+    wanted = _check_kinds(kinds)
     if graph is None:
         if example_inputs is None:
             raise TraceError("make_plan needs example_inputs to trace the model, or a graph")
         graph = trace(model, example_inputs, ignored=ignored, strict=strict)
     ctx = ScoreContext.from_model(graph, model)
-    scores = score_groups(list(graph.groups), importance or magnitude(2), ctx)
+    kind_of = {g.index: group_kind(g, graph, model) for g in graph.groups}
+    chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
+    scores = score_groups(chosen, importance or magnitude(2), ctx)
     removed = select(
         graph,
         scores,
@@ -175,7 +164,7 @@ def make_plan(
     choices = [
         GroupChoice(
             index=g.index,
-            kind=group_kind(g, graph, model),
+            kind=kind_of[g.index],
             size=g.size,
             kept=g.size - len(removed.get(g.index, ())),
             first_member=f"{g.members[0][0]}[{g.members[0][1]}]",
@@ -183,6 +172,20 @@ def make_plan(
         for g in graph.groups
     ]
     return Plan.from_kept(model, graph.kept_indices(removed), choices)
+
+
+def _check_kinds(kinds: Iterable[str] | None) -> frozenset[str]:
+    if kinds is None:
+        return frozenset(KINDS)
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    wanted = frozenset(kinds)
+    unknown = sorted(wanted - set(KINDS))
+    if unknown or not wanted:
+        raise SelectionError(
+            f"kinds {sorted(wanted)} holds unknown kinds {unknown}; choose from {', '.join(KINDS)}"
+        )
+    return wanted
 
 
 def prune(
@@ -196,6 +199,7 @@ def prune(
     round_to: int | None = None,
     min_units: int = 1,
     global_ranking: bool = False,
+    kinds: Iterable[str] | None = None,
     strict: bool = False,
     count_macs: bool = True,
 ) -> PruneReport:
@@ -216,6 +220,7 @@ def prune(
         round_to=round_to,
         min_units=min_units,
         global_ranking=global_ranking,
+        kinds=kinds,
     )
     params_before = _count_params(model)
     macs_before = _count_macs(model, example_inputs) if count_macs else 0

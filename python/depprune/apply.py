@@ -17,6 +17,8 @@ it was. Tensors are cut with ``index_select`` on their own device and dtype;
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -259,7 +261,8 @@ def _fix_fused_qkv(m: nn.Module, p: str, v: _View) -> dict:
     _, v_dim = _heads_kept(v, name, head_dim, q_rows + kv * head_dim, q_rows + 2 * kv * head_dim)
     if k_dim != q_dim:
         raise PlanMismatchError(f"{p[:-1]}: q and k would keep head_dim {q_dim} and {k_dim}")
-    return _attention_attrs(m, p[:-1], heads, kv_heads, q_dim, v_dim)
+    # Its forward slices qkv with config.num_attention_heads: the config must follow.
+    return _attention_attrs(m, p[:-1], heads, kv_heads, q_dim, v_dim) | {"config.required": 1}
 
 
 def _fix_gpt2_attention(m: nn.Module, p: str, v: _View) -> dict:
@@ -386,34 +389,66 @@ def _uniform_config(
         values["hidden_size"] = {int(view.shape(f"{names[id(embeddings)]}.projection.weight")[0])}
     uneven = {key: sorted(found) for key, found in values.items() if len(found) > 1}
     if uneven:
-        _config_warning(f"layers keep different sizes {uneven}")
+        if any(attrs.get("config.required") for _, attrs in changes):
+            raise PlanMismatchError(
+                f"layers would keep different sizes {uneven}, but "
+                f"{type(model).__name__}'s forward reads them from its one config; "
+                "prune every layer by the same ratio (local ranking, no per-layer ratios)"
+            )
+        _config_warning(f"layers keep different sizes {uneven}", "the config is left unchanged")
         return {}
-    new = {key: found.pop() for key, found in values.items()}
+    # Keys the config lacks stay out, except head_dim, which models read with getattr.
+    new = {
+        key: found.pop()
+        for key, found in values.items()
+        if key != "required" and (hasattr(config, key) or key == "head_dim")
+    }
     if getattr(config, "model_type", "") == "gpt2" and "intermediate_size" in new:
         new["n_inner"] = new.pop("intermediate_size")
     if "head_dim" in new and new["head_dim"] == getattr(config, "head_dim", None):
         del new["head_dim"]
     new = {key: value for key, value in new.items() if getattr(config, key, None) != value}
-    if new:
-        mismatch = _rebuild_mismatch(model, config, new, view)
-        if mismatch:
-            _config_warning(f"a config with {new} builds {mismatch}")
-            return {}
+    if not new:
+        return new
+    shapes, other = _rebuild_mismatch(model, config, new, view, changes)
+    if shapes:
+        _config_warning(f"a config with {new} builds {shapes}", "the config is left unchanged")
+        return {}
+    if other:
+        _config_warning(
+            f"a model built from it has {other}",
+            f"the config gets {new}, so the pruned model loads, but its outputs would differ",
+        )
     return new
 
 
-def _config_warning(why: str) -> None:
-    warnings.warn(
-        f"the pruned model runs, but its config cannot describe it ({why}), so the config is "
-        "left unchanged and from_pretrained could not rebuild the model. Prune every layer by "
-        "the same ratio, and heads rather than head_dim where the config derives head_dim "
-        "from hidden_size, to keep a standard config",
-        stacklevel=4,
+def _config_warning(why: str, what: str) -> None:
+    _warn_at_caller(
+        f"the pruned model runs correctly, but its config cannot fully describe it ({why}); "
+        f"{what}. Prune every layer by the same ratio, and heads rather than head_dim "
+        "(kinds=('hidden', 'heads', 'neurons')), to keep a config from_pretrained rebuilds "
+        "exactly"
     )
 
 
-def _rebuild_mismatch(model: nn.Module, config, new: dict, view: _View) -> str:
-    """Build the architecture from the updated config on meta and compare tensor shapes."""
+def _warn_at_caller(message: str) -> None:
+    """Warn with the location of the first frame outside depprune (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _rebuild_mismatch(
+    model: nn.Module, config, new: dict, view: _View, changes: list[tuple[nn.Module, dict]]
+) -> tuple[str, str]:
+    """How a model built from the updated config (on meta) differs: (shapes, other), "" if not.
+
+    Tensor shapes must match; numbers the modules keep (attention ``scaling``
+    derived from head_dim) must match the pruned modules'; and no buffer the
+    constructor recomputes from the config (RoPE's ``inv_freq``) may be cut.
+    """
     import copy
 
     candidate = copy.deepcopy(config)
@@ -424,11 +459,28 @@ def _rebuild_mismatch(model: nn.Module, config, new: dict, view: _View) -> str:
             warnings.simplefilter("ignore")
             rebuilt = type(model)(candidate)
     except Exception as exc:  # a config the architecture rejects is not describable either
-        return f"no model ({type(exc).__name__}: {exc})"
+        return f"no model ({type(exc).__name__}: {exc})", ""
     for name, tensor in rebuilt.state_dict().items():
         if name in view.tensors and tuple(tensor.shape) != tuple(view.shape(name)):
-            return f"{name} of shape {tuple(tensor.shape)}, not {tuple(view.shape(name))}"
-    return ""
+            return f"{name} of shape {tuple(tensor.shape)}, not {tuple(view.shape(name))}", ""
+    saved = rebuilt.state_dict().keys()
+    for name, _ in rebuilt.named_buffers():
+        if name not in saved and name in view.changed:
+            return "", f"{name} recomputed from the config, not the pruned one"
+    pending = {id(module): attrs for module, attrs in changes}
+    modules = dict(model.named_modules())
+    for name, built in rebuilt.named_modules():
+        module = modules.get(name)
+        if module is None:
+            continue
+        after = {**vars(module), **pending.get(id(module), {})}
+        if "hidden_size" in new and isinstance(after.get("hidden_size"), int):
+            after["hidden_size"] = new["hidden_size"]  # _attribute_changes sets these
+        for key, value in vars(built).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key in after and after[key] != value:
+                    return "", f"{name or 'the model'}.{key} = {value}, not {after[key]}"
+    return "", ""
 
 
 def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, dict]]:

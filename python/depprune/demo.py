@@ -1,161 +1,103 @@
-"""Built-in example: the axis equations of a small Llama-style decoder.
+"""Built-in example: prune a real model end to end and print what changed.
 
-``python -m depprune.demo`` writes the equations a trace of a 2-layer
-decoder with grouped-query attention, rotary embeddings and a SwiGLU MLP
-gives, solves them in the core, prints the groups, and shows the parameter
-shapes after removing half the units of every group.
+``python -m depprune.demo`` builds a small Llama (grouped-query attention,
+RoPE, SwiGLU; random weights, no download), traces it, removes half of its
+KV heads, query heads, MLP neurons and hidden size, checks that the pruned
+model still runs and that ``save_pretrained``/``from_pretrained`` reload it
+with the same logits, and prints the before/after table. ``--model
+resnet50`` prunes a torchvision ResNet-50 instead (needs torchvision).
 
->>> graph = llama_equations(layers=1).solve()
->>> [g.size for g in graph.groups]
-[64, 2, 2, 8, 16, 128]
+>>> report = main(["--layers", "1", "--quiet"])
+>>> report.params_after < report.params_before
+True
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
-import numpy as np
+import torch
+from torch import nn
 
-from depprune.equations import AxisEquations
-from depprune.graph import DependencyGraph
+from depprune.api import PruneReport, prune, trace
 
-__all__ = ["llama_equations", "main"]
-
-
-class _Writer:
-    """Emits equations op by op, the way the tracer will."""
-
-    def __init__(self) -> None:
-        self.eqs = AxisEquations()
-
-    def same(self, of: int) -> int:
-        # An elementwise op's output or a transpose's renamed axis.
-        axis = self.eqs.axis(self.eqs.axis_sizes[of])
-        self.eqs.equal(axis, of)
-        return axis
-
-    def linear(self, name: str, x: int, out_features: int) -> int:
-        w_out, w_in = self.eqs.axis(out_features), self.eqs.axis(self.eqs.axis_sizes[x])
-        self.eqs.param(f"{name}.weight", 0, w_out)
-        self.eqs.param(f"{name}.weight", 1, w_in)
-        self.eqs.equal(w_in, x)
-        return self.same(w_out)
-
-    def rms_norm(self, name: str, x: int) -> int:
-        weight = self.eqs.axis(self.eqs.axis_sizes[x])
-        self.eqs.param(f"{name}.weight", 0, weight)
-        out = self.same(x)
-        self.eqs.equal(out, weight)
-        return out
-
-    def heads_with_rope(self, x: int, heads: int, head_dim: int) -> tuple[int, int]:
-        eqs = self.eqs
-        h, d = eqs.axis(heads), eqs.axis(head_dim)
-        eqs.product(x, [h, d])
-        first, second = eqs.axis(head_dim // 2), eqs.axis(head_dim // 2)
-        eqs.sum(d, [first, second])
-        rotated = eqs.axis(head_dim)
-        eqs.sum(rotated, [self.same(second), first])  # cat(-x2, x1)
-        out = self.same(d)
-        eqs.equal(out, rotated)  # x * cos + rotate_half(x) * sin
-        return h, out
+__all__ = ["main"]
 
 
-def llama_equations(
-    layers: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    vocab: int = 100,
-) -> AxisEquations:
-    """Axis equations of a Llama-style decoder, as a trace would write them.
-
-    >>> eqs = llama_equations(layers=2)
-    >>> eqs.num_equations > 50
-    True
-    """
-    w = _Writer()
-    eqs = w.eqs
-    head_dim = hidden // heads
-    vocab_axis, emb = eqs.axis(vocab), eqs.axis(hidden)
-    eqs.param("embed_tokens.weight", 0, vocab_axis)
-    eqs.param("embed_tokens.weight", 1, emb)
-    eqs.freeze(vocab_axis)
-    x = w.same(emb)
-    for i in range(layers):
-        p = f"layers.{i}"
-        normed = w.rms_norm(f"{p}.input_layernorm", x)
-        q = w.linear(f"{p}.self_attn.q_proj", normed, heads * head_dim)
-        k = w.linear(f"{p}.self_attn.k_proj", normed, kv_heads * head_dim)
-        v = w.linear(f"{p}.self_attn.v_proj", normed, kv_heads * head_dim)
-        q_heads, q_dim = w.heads_with_rope(q, heads, head_dim)
-        k_heads, k_dim = w.heads_with_rope(k, kv_heads, head_dim)
-        v_heads, v_dim = eqs.axis(kv_heads), eqs.axis(head_dim)
-        eqs.product(v, [v_heads, v_dim])
-        # repeat_kv: expand a fresh size-REP axis, then reshape to all heads.
-        repeated = []
-        for kv in (k_heads, v_heads):
-            all_heads = eqs.axis(heads)
-            eqs.product(all_heads, [kv, eqs.axis(heads // kv_heads)])
-            repeated.append(all_heads)
-        eqs.equal(q_heads, repeated[0])
-        eqs.equal(repeated[0], repeated[1])
-        eqs.equal(q_dim, k_dim)
-        merged = eqs.axis(heads * head_dim)
-        eqs.product(merged, [w.same(repeated[1]), w.same(v_dim)])
-        attn = w.linear(f"{p}.self_attn.o_proj", merged, hidden)
-        x = w.same(x)
-        eqs.equal(x, attn)
-        normed = w.rms_norm(f"{p}.post_attention_layernorm", x)
-        gate = w.linear(f"{p}.mlp.gate_proj", normed, intermediate)
-        up = w.linear(f"{p}.mlp.up_proj", normed, intermediate)
-        act = w.same(gate)
-        eqs.equal(act, up)
-        down = w.linear(f"{p}.mlp.down_proj", act, hidden)
-        x = w.same(x)
-        eqs.equal(x, down)
-    normed = w.rms_norm("norm", x)
-    logits = w.linear("lm_head", normed, vocab)
-    eqs.freeze(logits)
-    return eqs
-
-
-def _shape_table(eqs: AxisEquations, graph: DependencyGraph) -> list[str]:
-    """Every parameter's shape before and after removing half of every group."""
-    removed = {g.index: np.arange(g.size // 2) for g in graph.groups}
-    kept = graph.kept_indices(removed)
-    shapes: dict[str, tuple[list[int], list[int]]] = {}
-    for (name, dim), indices in kept.items():
-        before, after = shapes.setdefault(name, ([], []))
-        before.append(eqs.axis_sizes[graph.axis_of(name, dim)])
-        after.append(len(indices))
-    width = max(len(name) for name in shapes)
-    lines = [f"{'parameter':<{width}}  {'shape':>12}  {'after 50%':>12}"]
-    for name, (before, after) in shapes.items():
-        lines.append(f"{name:<{width}}  {tuple(before)!s:>12}  {tuple(after)!s:>12}")
-    return lines
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print the groups of the built-in decoder and a 50% plan's shapes."""
-    parser = argparse.ArgumentParser(prog="python -m depprune.demo", description=__doc__)
-    parser.add_argument("--layers", type=int, default=2)
-    args = parser.parse_args(argv)
-    eqs = llama_equations(layers=args.layers)
-    start = time.perf_counter()
-    graph = eqs.solve()
-    elapsed = time.perf_counter() - start
-    print(
-        f"{eqs.num_equations} equations over {eqs.num_axes} axes solved in {elapsed * 1e3:.2f} ms"
+def _llama(layers: int) -> tuple[nn.Module, dict]:
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise SystemExit(
+            "the Llama demo needs transformers: pip install 'depprune[hf]', "
+            "or run with --model resnet50"
+        ) from exc
+    config = transformers.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
     )
-    print(graph)
-    print()
-    print("structure of layers.0.self_attn.q_proj.weight dim 0:")
-    print("  " + graph.describe("layers.0.self_attn.q_proj.weight", 0))
-    print()
-    print("\n".join(_shape_table(eqs, graph)))
+    model = transformers.LlamaForCausalLM(config).eval()
+    tokens = torch.randint(
+        0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    return model, {"input_ids": tokens}
+
+
+def _resnet50() -> tuple[nn.Module, torch.Tensor]:
+    try:
+        import torchvision
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise SystemExit("the ResNet-50 demo needs torchvision: pip install torchvision") from exc
+    model = torchvision.models.resnet50(num_classes=1000).eval()
+    return model, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: nn.Module, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def main(argv: list[str] | None = None) -> PruneReport:
+    """Run the demo; returns the prune report."""
+    parser = argparse.ArgumentParser(prog="python -m depprune.demo", description=__doc__)
+    parser.add_argument("--model", choices=("llama", "resnet50"), default="llama")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the Llama")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of units to remove")
+    parser.add_argument("--quiet", action="store_true", help="print nothing")
+    args = parser.parse_args(argv)
+    say = (lambda *a: None) if args.quiet else print
+
+    torch.manual_seed(0)
+    model, inputs = _llama(args.layers) if args.model == "llama" else _resnet50()
+    # Heads rather than head_dim: the pruned Llama keeps a config from_pretrained rebuilds.
+    kinds = ("hidden", "heads", "neurons") if args.model == "llama" else None
+    say(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    start = time.perf_counter()
+    graph = trace(model, inputs)
+    say(f"traced and grouped in {time.perf_counter() - start:.2f} s: {graph!r}")
+    start = time.perf_counter()
+    report = prune(model, inputs, ratio=args.ratio, kinds=kinds)
+    say(f"pruned in {time.perf_counter() - start:.2f} s (trace, score, select, apply)\n")
+    say(report)
+
+    logits = _logits(model, inputs)
+    say(f"\nthe pruned model runs: output {tuple(logits.shape)}")
+    if hasattr(model, "save_pretrained"):
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            reloaded = type(model).from_pretrained(folder).eval()
+        same = torch.allclose(_logits(reloaded, inputs), logits, atol=1e-5)
+        say(f"save_pretrained + from_pretrained: {'same logits' if same else 'LOGITS DIFFER'}")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""What a group's units are: hidden size, heads, head_dim, neurons, channels or conv groups.
+
+The kind is read from the unit maps, not from model-specific code: a unit
+that covers a run of consecutive indices in some parameter is a whole head
+(or a whole conv group); a unit that appears several times in every
+parameter, one index at a time, is a slot inside heads (head_dim); a group
+with an embedding or a layer/RMS norm among its members is the hidden size.
+
+>>> import torch, depprune
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> graph = depprune.trace(model, torch.zeros(1, 4))
+>>> group_kind(graph.groups[0], graph, model)
+'neurons'
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from depprune.graph import DependencyGraph, Group
+
+__all__ = ["KINDS", "group_kind"]
+
+#: Every kind :func:`group_kind` returns.
+KINDS = ("hidden", "heads", "head_dim", "neurons", "channels", "conv_groups")
+
+
+def _is_hidden_norm(module: nn.Module | None) -> bool:
+    if isinstance(module, (nn.LayerNorm, nn.modules.normalization.RMSNorm)):
+        return True
+    return module is not None and type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def group_kind(group: Group, graph: DependencyGraph, model: nn.Module) -> str:
+    """The kind of ``group``'s units in ``model``: one of :data:`KINDS`."""
+    modules = dict(model.named_modules())
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    owners = {name: modules.get(name.rpartition(".")[0]) for name, _ in group.members}
+    if any(isinstance(m, nn.Embedding) or _is_hidden_norm(m) for m in owners.values()):
+        return "hidden"
+    is_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in owners.values())
+    fewest_copies = None
+    for (name, _), unit_map in graph.unit_maps(group).items():
+        if name not in params:
+            continue  # buffers such as RoPE's inv_freq hold one entry per unit
+        on = unit_map >= 0
+        if np.any(on[1:] & (unit_map[1:] == unit_map[:-1])):
+            return "conv_groups" if is_conv else "heads"
+        copies = int(np.bincount(unit_map[on], minlength=group.size).min())
+        fewest_copies = copies if fewest_copies is None else min(fewest_copies, copies)
+    if is_conv:
+        return "channels"  # also the same slot of every group of a grouped conv
+    return "head_dim" if fewest_copies is not None and fewest_copies > 1 else "neurons"
