@@ -5,9 +5,11 @@ from typing import final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Analysis", "analyze"]
+__all__ = ["MAX_AXIS_SIZE", "Analysis", "analyze"]
 
 _I64 = npt.NDArray[np.int64]
+
+MAX_AXIS_SIZE: int
 
 @final
 class Analysis:

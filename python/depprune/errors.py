@@ -19,6 +19,7 @@ __all__ = [
     "InvalidEquationsError",
     "InvalidPlanError",
     "PlanMismatchError",
+    "ResourceError",
     "SelectionError",
     "TraceError",
     "UnsupportedOpError",
@@ -55,6 +56,10 @@ class TraceError(DeppruneError, ValueError):
 
 class UnsupportedOpError(DeppruneError, NotImplementedError):
     """The model calls an ATen op that has no axis rule (raised with ``strict=True``)."""
+
+
+class ResourceError(DeppruneError, MemoryError):
+    """The work would need more memory than the machine can give (a size too large)."""
 
 
 class InternalError(DeppruneError, RuntimeError):

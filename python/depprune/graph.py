@@ -28,7 +28,7 @@ import numpy as np
 
 from depprune import _core
 from depprune.equations import AxisEquations
-from depprune.errors import InvalidPlanError
+from depprune.errors import InvalidEquationsError, InvalidPlanError
 
 __all__ = ["DependencyGraph", "Group"]
 
@@ -55,6 +55,30 @@ def _members_text(members: Sequence[ParamDim]) -> str:
     shown = ", ".join(f"{name}[{dim}]" for name, dim in members[:_MEMBERS_SHOWN])
     hidden = len(members) - _MEMBERS_SHOWN
     return shown + (f", ... (+{hidden} more)" if hidden > 0 else "")
+
+
+def _as_keep_mask(mask: np.ndarray) -> np.ndarray:
+    """A boolean or integer mask (nonzero keeps) as the uint8 0/1 array the core takes."""
+    if mask.ndim != 1 or mask.dtype.kind not in "biu":
+        raise InvalidPlanError(
+            f"a keep mask is a 1-d boolean or integer array (nonzero keeps); got a "
+            f"{mask.ndim}-d {mask.dtype} array (use graph.keep_mask({{group: unit_ids}}))"
+        )
+    # Compare rather than cast: a cast to uint8 would turn 256 into 0 (removed).
+    return np.ascontiguousarray(mask if mask.dtype == np.uint8 else mask != 0, dtype=np.uint8)
+
+
+def _with_param_name(err: InvalidEquationsError, equations: AxisEquations) -> Exception:
+    """The core's error, with the parameter named when it is about a parameter row."""
+    row = getattr(err, "row", None)  # set by the binding on row errors
+    if not isinstance(row, int) or not 0 <= row < len(equations.row_params):
+        return err
+    param, dim = equations.row_params[row], equations.row_dims[row]
+    if not 0 <= param < len(equations.param_names):
+        return err
+    named = InvalidEquationsError(f"{err} (row {row} is {equations.param_names[param]}[{dim}])")
+    named.row = row  # type: ignore[attr-defined]
+    return named
 
 
 class DependencyGraph:
@@ -99,9 +123,14 @@ class DependencyGraph:
     def from_equations(cls, equations: AxisEquations) -> DependencyGraph:
         """Validate ``equations`` in the core and analyse them.
 
-        Raises :class:`~depprune.InvalidEquationsError` naming the bad row.
+        Raises :class:`~depprune.InvalidEquationsError` naming the bad row
+        (and, for a parameter row, the parameter's name).
         """
-        return cls(_core.analyze(**equations.arrays()), equations)
+        try:
+            analysis = _core.analyze(**equations.arrays())
+        except InvalidEquationsError as err:
+            raise _with_param_name(err, equations) from None
+        return cls(analysis, equations)
 
     @property
     def num_units(self) -> int:
@@ -112,9 +141,12 @@ class DependencyGraph:
         if isinstance(group, Group):
             group = group.index
         if not isinstance(group, (int, np.integer)) or not 0 <= int(group) < len(self.groups):
-            raise InvalidPlanError(
-                f"group {group!r} does not exist; groups are numbered 0..{len(self.groups) - 1}"
+            numbered = (
+                f"groups are numbered 0..{len(self.groups) - 1}"
+                if self.groups
+                else "this graph has no groups (nothing in it can be pruned)"
             )
+            raise InvalidPlanError(f"group {group!r} does not exist; {numbered}")
         return self.groups[int(group)]
 
     def unit_maps(self, group: int | Group) -> dict[ParamDim, np.ndarray]:
@@ -126,18 +158,24 @@ class DependencyGraph:
     def keep_mask(self, removed: Mapping[int | Group, Sequence[int] | np.ndarray]) -> np.ndarray:
         """A keep mask (uint8, one entry per unit) that removes the listed units.
 
-        ``removed`` maps a group (or its index) to the unit ids to remove;
-        groups not mentioned are kept whole.
+        ``removed`` maps a group (or its index) to the integer unit ids to
+        remove; groups not mentioned are kept whole.
         """
         keep = np.ones(self.num_units, dtype=np.uint8)
-        for key, units in removed.items():
+        for key, ids in removed.items():
             g = self._group(key)
-            units = np.asarray(units, dtype=np.int64).reshape(-1)
+            units = np.asarray(ids).reshape(-1)
+            if units.size and units.dtype.kind not in "iu":
+                raise InvalidPlanError(
+                    f"group {g.index}: unit ids must be integers; got {units.dtype} values "
+                    f"{units.tolist()[:8]} (for a boolean mask of units, pass "
+                    "np.flatnonzero(mask))"
+                )
             if units.size and (units.min() < 0 or units.max() >= g.size):
                 raise InvalidPlanError(
                     f"group {g.index} has units 0..{g.size - 1}; got units {units.tolist()}"
                 )
-            keep[g.unit_offset + units] = 0
+            keep[g.unit_offset + units.astype(np.int64)] = 0
         return keep
 
     def kept_indices(
@@ -148,7 +186,7 @@ class DependencyGraph:
         ``removed`` is a mapping as in :meth:`keep_mask`, or a keep mask itself.
         """
         if isinstance(removed, np.ndarray):
-            keep = np.ascontiguousarray(removed, dtype=np.uint8)
+            keep = _as_keep_mask(removed)
         else:
             keep = self.keep_mask(removed)
         offsets, indices = self._analysis.kept_indices(keep)

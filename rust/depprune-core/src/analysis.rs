@@ -171,8 +171,13 @@ impl Analysis {
             }
         }
         let group_sizes: Vec<i64> = group_node.iter().map(|&n| size[n] as i64).collect();
-        let unit_offsets = prefix_offsets(group_sizes.iter().copied());
-        let member_offsets = prefix_offsets(members.iter().map(|m| m.len() as i64));
+        let unit_offsets =
+            prefix_offsets(group_sizes.iter().copied()).ok_or(CoreError::TotalTooLarge {
+                what: "the groups",
+                limit: i64::MAX,
+            })?;
+        let member_offsets = prefix_offsets(members.iter().map(|m| m.len() as i64))
+            .ok_or_else(|| CoreError::Internal("member counts overflow i64".into()))?;
         let member_rows = members.into_iter().flatten().collect();
 
         Ok(Analysis {
@@ -236,6 +241,12 @@ impl Analysis {
         Ok(group as usize)
     }
 
+    /// The parameter rows that are members of `group` (a checked group id).
+    fn members(&self, group: usize) -> &[i64] {
+        &self.member_rows
+            [self.member_offsets[group] as usize..self.member_offsets[group + 1] as usize]
+    }
+
     /// For each member of each group in `groups`, the unit of every flat index
     /// along that member's dim (or -1 where the index is not on this group).
     /// Returns `(offsets, values)`: member `k` of the listing owns
@@ -245,26 +256,38 @@ impl Analysis {
             .iter()
             .map(|&g| self.check_group(g))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut offsets = vec![0i64];
-        let mut values = Vec::new();
+        const WHAT: &str = "unit_maps";
+        // Size the output first: a long list of huge groups must fail cleanly.
+        let (mut num_maps, mut num_values) = (1u64, 0u64);
+        for &group in &groups {
+            for &row in self.members(group) {
+                num_maps = num_maps.saturating_add(1);
+                num_values = num_values.saturating_add(self.size[self.row_root[row as usize]]);
+            }
+        }
+        let mut offsets: Vec<i64> = try_vec(num_maps, WHAT)?;
+        let mut values: Vec<i64> = try_vec(num_values, WHAT)?;
+        offsets.push(0);
         for group in groups {
             let leaf = self.group_node[group];
             let mut memo = HashMap::new();
-            let rows = &self.member_rows
-                [self.member_offsets[group] as usize..self.member_offsets[group + 1] as usize];
-            for &row in rows {
+            for &row in self.members(group) {
                 let map = self.fold(
                     self.row_root[row as usize],
                     &mut memo,
                     &|node| {
+                        let size = self.size[node];
                         if node == leaf {
-                            (0..self.size[node] as i64).collect()
+                            let mut units = try_vec(size, WHAT)?;
+                            units.extend(0..size as i64);
+                            Ok(units)
                         } else {
-                            vec![-1; self.size[node] as usize]
+                            try_filled(size, -1, WHAT)
                         }
                     },
                     i64::max,
-                );
+                    WHAT,
+                )?;
                 values.extend_from_slice(&map);
                 offsets.push(values.len() as i64);
             }
@@ -276,11 +299,21 @@ impl Analysis {
     /// [`Self::unit_offsets`]; nonzero keeps), the flat indices that remain
     /// along every parameter row. Returns `(offsets, indices)` per row.
     pub fn kept_indices(&self, keep: &[u8]) -> Result<(Vec<i64>, Vec<i64>), CoreError> {
-        let mut offsets = vec![0i64];
+        const WHAT: &str = "kept_indices";
+        self.check_keep(keep)?;
+        let mut offsets = try_vec(self.row_root.len() as u64 + 1, WHAT)?;
+        offsets.push(0i64);
         let mut indices = Vec::new();
         let mut memo = HashMap::new();
         for row in 0..self.row_root.len() {
-            let kept = self.kept_mask_of(self.row_root[row], keep, &mut memo)?;
+            let kept = self.kept_mask_of(self.row_root[row], keep, &mut memo, WHAT)?;
+            let count = kept.iter().filter(|&&k| k != 0).count();
+            indices
+                .try_reserve(count)
+                .map_err(|_| CoreError::OutOfMemory {
+                    what: WHAT,
+                    elements: (indices.len() + count) as u64,
+                })?;
             indices.extend(
                 kept.iter()
                     .enumerate()
@@ -293,25 +326,25 @@ impl Analysis {
     }
 
     /// The keep flag (0/1) of every flat index of `axis` under a keep mask.
-    pub fn kept_mask_of_axis(&self, axis: usize, keep: &[u8]) -> Result<Vec<u8>, CoreError> {
-        if axis >= self.num_axes {
-            return Err(CoreError::QueryAxisOutOfRange {
-                axis: axis as i64,
-                num_axes: self.num_axes,
-            });
-        }
+    pub fn kept_mask_of_axis(&self, axis: i64, keep: &[u8]) -> Result<Vec<u8>, CoreError> {
+        const WHAT: &str = "kept_mask_of_axis";
+        let axis = self.check_axis(axis)?;
+        self.check_keep(keep)?;
         let mut memo = HashMap::new();
-        Ok(self
-            .kept_mask_of(self.axis_root[axis], keep, &mut memo)?
-            .to_vec())
+        let mask = self.kept_mask_of(self.axis_root[axis], keep, &mut memo, WHAT)?;
+        drop(memo);
+        match Rc::try_unwrap(mask) {
+            Ok(mask) => Ok(mask),
+            Err(shared) => {
+                let mut mask = try_vec(shared.len() as u64, WHAT)?;
+                mask.extend_from_slice(&shared);
+                Ok(mask)
+            }
+        }
     }
 
-    fn kept_mask_of(
-        &self,
-        root: usize,
-        keep: &[u8],
-        memo: &mut HashMap<usize, Rc<Vec<u8>>>,
-    ) -> Result<Rc<Vec<u8>>, CoreError> {
+    /// A keep mask must have one entry per unit, checked before any work.
+    fn check_keep(&self, keep: &[u8]) -> Result<(), CoreError> {
         let expected = self.num_units() as usize;
         if keep.len() != expected {
             return Err(CoreError::KeepMaskLength {
@@ -319,45 +352,76 @@ impl Analysis {
                 expected,
             });
         }
-        Ok(self.fold(
+        Ok(())
+    }
+
+    fn check_axis(&self, axis: i64) -> Result<usize, CoreError> {
+        match usize::try_from(axis) {
+            Ok(index) if index < self.num_axes => Ok(index),
+            _ => Err(CoreError::QueryAxisOutOfRange {
+                axis,
+                num_axes: self.num_axes,
+            }),
+        }
+    }
+
+    /// The keep flags of every flat index under `root`; `keep` has been checked.
+    fn kept_mask_of(
+        &self,
+        root: usize,
+        keep: &[u8],
+        memo: &mut HashMap<usize, Rc<Vec<u8>>>,
+        what: &'static str,
+    ) -> Result<Rc<Vec<u8>>, CoreError> {
+        self.fold(
             root,
             memo,
             &|node| match self.group_of_node[node] {
                 g if g >= 0 => {
                     let start = self.unit_offsets[g as usize] as usize;
-                    keep[start..start + self.size[node] as usize]
-                        .iter()
-                        .map(|&k| u8::from(k != 0))
-                        .collect()
+                    let units = &keep[start..start + self.size[node] as usize];
+                    let mut flags = try_vec(units.len() as u64, what)?;
+                    flags.extend(units.iter().map(|&k| u8::from(k != 0)));
+                    Ok(flags)
                 }
                 // Frozen leaves and leaves outside every parameter are kept whole.
-                _ => vec![1; self.size[node] as usize],
+                _ => try_filled(self.size[node], 1, what),
             },
             u8::min,
-        ))
+            what,
+        )
     }
 
     /// Evaluate a per-index vector over a structure: leaves from `leaf`, sums
     /// concatenate, products combine their factors' entries with `combine`.
+    /// Every allocation is fallible (`what` names the query in the error).
     fn fold<T: Copy>(
         &self,
         root: usize,
         memo: &mut HashMap<usize, Rc<Vec<T>>>,
-        leaf: &dyn Fn(usize) -> Vec<T>,
+        leaf: &dyn Fn(usize) -> Result<Vec<T>, CoreError>,
         combine: fn(T, T) -> T,
-    ) -> Rc<Vec<T>> {
+        what: &'static str,
+    ) -> Result<Rc<Vec<T>>, CoreError> {
         let computed = |node: usize, memo: &mut HashMap<usize, Rc<Vec<T>>>| {
             let value = match &self.shape[node] {
-                Shape::Leaf => leaf(node),
-                Shape::Sum(c) => c
-                    .iter()
-                    .flat_map(|child| memo[child].iter().copied())
-                    .collect(),
+                Shape::Leaf => leaf(node)?,
+                Shape::Sum(c) => {
+                    let len = c.iter().map(|child| memo[child].len() as u64).sum();
+                    let mut all = try_vec(len, what)?;
+                    for child in c {
+                        all.extend_from_slice(&memo[child]);
+                    }
+                    all
+                }
                 Shape::Product(c) => {
-                    let mut acc: Vec<T> = memo[&c[0]].to_vec();
+                    let first = &memo[&c[0]];
+                    let mut acc: Vec<T> = try_vec(first.len() as u64, what)?;
+                    acc.extend_from_slice(first);
                     for child in &c[1..] {
                         let factor = &memo[child];
-                        let mut next = Vec::with_capacity(acc.len() * factor.len());
+                        let len = (acc.len() as u64).saturating_mul(factor.len() as u64);
+                        let mut next = try_vec(len, what)?;
                         for &a in &acc {
                             next.extend(factor.iter().map(|&f| combine(a, f)));
                         }
@@ -367,6 +431,7 @@ impl Analysis {
                 }
             };
             memo.insert(node, Rc::new(value));
+            Ok::<(), CoreError>(())
         };
         let mut order = Vec::new();
         post_order(
@@ -376,25 +441,20 @@ impl Analysis {
             |n| order.push(n),
         );
         for node in order {
-            computed(node, memo);
+            computed(node, memo)?;
         }
-        memo[&root].clone()
+        Ok(memo[&root].clone())
     }
 
     /// A readable structure of `axis`, e.g. `product(g0[2], sum(g1[2], g1[2]))`.
     pub fn describe_axis(&self, axis: i64) -> Result<String, CoreError> {
-        if axis < 0 || axis as usize >= self.num_axes {
-            return Err(CoreError::QueryAxisOutOfRange {
-                axis,
-                num_axes: self.num_axes,
-            });
-        }
+        let axis = self.check_axis(axis)?;
         enum Item {
             Node(usize),
             Text(&'static str),
         }
         let mut out = String::new();
-        let mut stack = vec![Item::Node(self.axis_root[axis as usize])];
+        let mut stack = vec![Item::Node(self.axis_root[axis])];
         while let Some(item) = stack.pop() {
             let node = match item {
                 Item::Text(t) => {
@@ -476,12 +536,63 @@ fn leaves_in_order(shape: &[Shape], root: usize) -> Vec<usize> {
     leaves
 }
 
-fn prefix_offsets(counts: impl Iterator<Item = i64>) -> Vec<i64> {
+/// `[0, c0, c0 + c1, ...]`, or `None` when the total overflows `i64`.
+fn prefix_offsets(counts: impl Iterator<Item = i64>) -> Option<Vec<i64>> {
     let mut offsets = vec![0];
-    let mut total = 0;
+    let mut total = 0i64;
     for c in counts {
-        total += c;
+        total = total.checked_add(c)?;
         offsets.push(total);
     }
-    offsets
+    Some(offsets)
+}
+
+/// An empty vector with room for `len` values: a failed allocation becomes an
+/// error instead of aborting the process (sizes up to `MAX_AXIS_SIZE` are valid
+/// but may not fit in memory).
+fn try_vec<T>(len: u64, what: &'static str) -> Result<Vec<T>, CoreError> {
+    let out_of_memory = || CoreError::OutOfMemory {
+        what,
+        elements: len,
+    };
+    let len = usize::try_from(len).map_err(|_| out_of_memory())?;
+    let mut values = Vec::new();
+    values.try_reserve_exact(len).map_err(|_| out_of_memory())?;
+    Ok(values)
+}
+
+/// `len` copies of `value`, allocated fallibly.
+fn try_filled<T: Copy>(len: u64, value: T, what: &'static str) -> Result<Vec<T>, CoreError> {
+    let mut values = try_vec(len, what)?;
+    values.resize(len as usize, value);
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_allocation_is_an_error_not_an_abort() {
+        // More bytes than any address space: the reservation fails deterministically.
+        let err = try_vec::<u64>(u64::MAX / 2, "unit_maps").unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::OutOfMemory {
+                what: "unit_maps",
+                elements: u64::MAX / 2
+            }
+        );
+        assert!(err.to_string().starts_with(&format!(
+            "unit_maps needs {} values at once and they could not be allocated",
+            u64::MAX / 2
+        )));
+        assert_eq!(try_filled(3, 7u8, "kept_indices").unwrap(), vec![7, 7, 7]);
+    }
+
+    #[test]
+    fn prefix_offsets_report_overflow() {
+        assert_eq!(prefix_offsets([2, 3].into_iter()), Some(vec![0, 2, 5]));
+        assert_eq!(prefix_offsets([i64::MAX, 1].into_iter()), None);
+    }
 }

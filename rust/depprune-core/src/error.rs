@@ -9,6 +9,18 @@ pub enum CoreError {
     #[error("axis {axis} has size {size}; sizes must be >= 0")]
     NegativeAxisSize { axis: usize, size: i64 },
 
+    #[error(
+        "axis {axis} has size {size}, more than the limit of {limit} elements per axis; \
+         no tensor dim is that large, so check the size given for this axis"
+    )]
+    AxisTooLarge { axis: usize, size: i64, limit: i64 },
+
+    #[error(
+        "{what} have more than {limit} elements in all; \
+         check the axis sizes given for them"
+    )]
+    TotalTooLarge { what: &'static str, limit: i64 },
+
     #[error("{what} has {got} entries but {expected} were expected")]
     LengthMismatch {
         what: &'static str,
@@ -56,8 +68,11 @@ pub enum CoreError {
         right_size: u64,
     },
 
-    #[error("equation {equation}: the product of the right-hand sizes overflows 64 bits")]
-    SizeOverflow { equation: usize },
+    #[error(
+        "equation {equation}: the {kind} of the right-hand sizes overflows 64 bits; \
+         check the sizes of its right-hand axes"
+    )]
+    SizeOverflow { equation: usize, kind: &'static str },
 
     #[error("frozen_axes[{index}] is axis {axis} but there are {num_axes} axes")]
     FrozenAxisOutOfRange {
@@ -80,7 +95,10 @@ pub enum CoreError {
         value: i64,
     },
 
-    #[error("parameter rows {first} and {second} both describe dim {dim} of parameter {param}")]
+    #[error(
+        "parameter rows {first} and {second} both describe dim {dim} of parameter {param}; \
+         give each (parameter, dim) exactly one row"
+    )]
     DuplicateRow {
         first: usize,
         second: usize,
@@ -96,6 +114,12 @@ pub enum CoreError {
 
     #[error("axis {axis} does not exist; there are {num_axes} axes")]
     QueryAxisOutOfRange { axis: i64, num_axes: usize },
+
+    #[error(
+        "{what} needs {elements} values at once and they could not be allocated; \
+         the axes involved are too large to materialise on this machine"
+    )]
+    OutOfMemory { what: &'static str, elements: u64 },
 
     #[error("internal error in depprune-core (please report): {0}")]
     Internal(String),

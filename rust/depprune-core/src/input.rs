@@ -2,6 +2,11 @@
 
 use crate::error::CoreError;
 
+/// The largest size an axis may have (2**40, about 10**12). Far beyond any real
+/// tensor dim, and small enough that sums and products of sizes stay exact in
+/// 64 bits and every unit id and flat index fits an `i64`.
+pub const MAX_AXIS_SIZE: i64 = 1 << 40;
+
 /// How the right-hand axes of an equation make up its left axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EquationKind {
@@ -89,6 +94,13 @@ pub(crate) fn validate(eqs: &EquationSet, params: &ParamTable) -> Result<Validat
         if size < 0 {
             return Err(CoreError::NegativeAxisSize { axis, size });
         }
+        if size > MAX_AXIS_SIZE {
+            return Err(CoreError::AxisTooLarge {
+                axis,
+                size,
+                limit: MAX_AXIS_SIZE,
+            });
+        }
         axis_sizes.push(size as u64);
     }
 
@@ -171,11 +183,17 @@ pub(crate) fn validate(eqs: &EquationSet, params: &ParamTable) -> Result<Validat
             EquationKind::Sum => right
                 .iter()
                 .try_fold(0u64, |acc, &r| acc.checked_add(axis_sizes[r]))
-                .ok_or(CoreError::SizeOverflow { equation })?,
+                .ok_or(CoreError::SizeOverflow {
+                    equation,
+                    kind: kind.name(),
+                })?,
             EquationKind::Product => right
                 .iter()
                 .try_fold(1u64, |acc, &r| acc.checked_mul(axis_sizes[r]))
-                .ok_or(CoreError::SizeOverflow { equation })?,
+                .ok_or(CoreError::SizeOverflow {
+                    equation,
+                    kind: kind.name(),
+                })?,
         };
         if right_size != axis_sizes[left] {
             return Err(CoreError::SizeMismatch {
@@ -206,6 +224,8 @@ pub(crate) fn validate(eqs: &EquationSet, params: &ParamTable) -> Result<Validat
     check_len("row_dims", params.dims.len(), num_rows)?;
     let mut row_axes = Vec::with_capacity(num_rows);
     let mut seen = std::collections::HashMap::with_capacity(num_rows);
+    // Kept indices and unit maps hold one value per element of every row.
+    let mut row_elements = 0i64;
     for row in 0..num_rows {
         let (param, dim, axis) = (params.params[row], params.dims[row], params.axes[row]);
         if param < 0 {
@@ -237,6 +257,12 @@ pub(crate) fn validate(eqs: &EquationSet, params: &ParamTable) -> Result<Validat
                 dim,
             });
         }
+        row_elements = row_elements
+            .checked_add(eqs.axis_sizes[axis as usize])
+            .ok_or(CoreError::TotalTooLarge {
+                what: "the parameter dims",
+                limit: i64::MAX,
+            })?;
         row_axes.push(axis as usize);
     }
 

@@ -33,4 +33,4 @@ mod unify;
 pub use analysis::{analyze, Analysis};
 pub use builder::EquationBuilder;
 pub use error::CoreError;
-pub use input::{EquationKind, EquationSet, ParamTable};
+pub use input::{EquationKind, EquationSet, ParamTable, MAX_AXIS_SIZE};

@@ -235,16 +235,19 @@ impl Store {
     /// Two row-major merges of the same axis: common mixed-radix refinement,
     /// which exists when the prefix products of both form one divisibility chain.
     fn product_with_product(&mut self, a: &[usize], b: &[usize]) -> Option<Def> {
-        let prefixes = |sizes: &[u64]| -> Vec<u64> {
+        // Prefix products never exceed the (validated) size of the class; an
+        // overflow would be a broken invariant, handled by freezing.
+        let prefixes = |sizes: &[u64]| -> Option<Vec<u64>> {
+            let mut acc = 1u64;
             sizes
                 .iter()
-                .scan(1u64, |acc, &s| {
-                    *acc *= s;
-                    Some(*acc)
+                .map(|&s| {
+                    acc = acc.checked_mul(s)?;
+                    Some(acc)
                 })
                 .collect()
         };
-        let (pa, pb) = (prefixes(&self.sizes_of(a)), prefixes(&self.sizes_of(b)));
+        let (pa, pb) = (prefixes(&self.sizes_of(a))?, prefixes(&self.sizes_of(b))?);
         let mut chain: Vec<u64> = pa.iter().chain(&pb).copied().collect();
         chain.sort_unstable();
         chain.dedup();
@@ -281,7 +284,9 @@ impl Store {
     fn sum_with_product(&mut self, s: &[usize], p: &[usize]) -> Option<Def> {
         let outer = p[0];
         let inner = &p[1..];
-        let stride: u64 = inner.iter().map(|&f| self.size[f]).product();
+        let stride = inner
+            .iter()
+            .try_fold(1u64, |acc, &f| acc.checked_mul(self.size[f]))?;
         let piece_sizes = self.sizes_of(s);
         if piece_sizes.iter().any(|size| size % stride != 0) {
             return None;

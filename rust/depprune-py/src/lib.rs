@@ -1,7 +1,12 @@
 //! The `depprune._core` extension: thin wrappers over `depprune-core`.
 //!
 //! Flat numpy arrays in, flat numpy arrays out; the GIL is released for all
-//! core work; every core error becomes the matching `depprune.errors` class.
+//! core work; every core error becomes the matching `depprune.errors` class
+//! (a failed allocation becomes `ResourceError`, a `MemoryError`), and a panic in the core
+//! becomes `InternalError` rather than reaching Python.
+
+use std::borrow::Cow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use depprune_core::{CoreError, EquationSet, ParamTable};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
@@ -24,31 +29,60 @@ impl From<DeppruneErr> for PyErr {
             CoreError::KeepMaskLength { .. }
             | CoreError::GroupOutOfRange { .. }
             | CoreError::QueryAxisOutOfRange { .. } => "InvalidPlanError",
+            CoreError::OutOfMemory { .. } => "ResourceError",
             CoreError::Internal(_) => "InternalError",
             _ => "InvalidEquationsError",
         };
+        // The bad parameter row, so the Python side can name the parameter.
+        let row = match err.0 {
+            CoreError::RowAxisOutOfRange { row, .. } | CoreError::NegativeRowField { row, .. } => {
+                Some(row)
+            }
+            CoreError::DuplicateRow { second, .. } => Some(second),
+            _ => None,
+        };
         let message = err.0.to_string();
         Python::attach(|py| {
-            py.import("depprune.errors")
+            let raised = py
+                .import("depprune.errors")
                 .and_then(|module| module.getattr(class))
-                .map(|cls| {
-                    PyErr::from_type(cls.cast_into().expect("exception class"), message.clone())
-                })
-                .unwrap_or_else(|_| PyRuntimeError::new_err(message))
+                .and_then(|cls| Ok(cls.cast_into()?))
+                .map(|cls| PyErr::from_type(cls, message.clone()))
+                .unwrap_or_else(|_| PyRuntimeError::new_err(message));
+            if let Some(row) = row {
+                // Best effort: the message already names the row.
+                let _ = raised.value(py).setattr("row", row);
+            }
+            raised
         })
     }
 }
 
-/// A numpy argument as a contiguous slice, or an error naming the argument.
-fn slice<'a, T: numpy::Element>(
-    array: &'a PyReadonlyArray1<'_, T>,
-    name: &str,
-) -> PyResult<&'a [T]> {
-    array.as_slice().map_err(|_| {
-        PyErr::from(DeppruneErr(CoreError::Internal(format!(
-            "{name} must be a contiguous 1-d array (use numpy.ascontiguousarray)"
-        ))))
+/// A numpy argument as a slice: borrowed when contiguous, else copied.
+fn slice<'a, T: numpy::Element + Clone>(array: &'a PyReadonlyArray1<'_, T>) -> Cow<'a, [T]> {
+    match array.as_slice() {
+        Ok(values) => Cow::Borrowed(values),
+        Err(_) => Cow::Owned(array.as_array().to_vec()),
+    }
+}
+
+/// Run core work without the GIL; a panic (a bug in the core) becomes
+/// `InternalError` instead of a `PanicException` in the user's code.
+fn run_core<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce() -> Result<T, CoreError> + Send,
+) -> PyResult<T> {
+    py.detach(|| {
+        catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+            let reason = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(CoreError::Internal(format!("panic: {reason}")))
+        })
     })
+    .map_err(|err| DeppruneErr(err).into())
 }
 
 type Csr<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
@@ -56,6 +90,10 @@ type Csr<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
 #[pymodule]
 mod _core {
     use super::*;
+
+    /// The largest axis size `analyze` accepts.
+    #[pymodule_export]
+    const MAX_AXIS_SIZE: i64 = depprune_core::MAX_AXIS_SIZE;
 
     /// The analysed equations: groups, members, unit maps and kept indices.
     #[pyclass(frozen, module = "depprune._core")]
@@ -108,10 +146,8 @@ mod _core {
             py: Python<'py>,
             groups: PyReadonlyArray1<'py, i64>,
         ) -> PyResult<Csr<'py>> {
-            let groups = slice(&groups, "groups")?;
-            let (offsets, values) = py
-                .detach(|| self.inner.unit_maps(groups))
-                .map_err(DeppruneErr)?;
+            let groups = slice(&groups);
+            let (offsets, values) = run_core(py, || self.inner.unit_maps(&groups))?;
             Ok((offsets.into_pyarray(py), values.into_pyarray(py)))
         }
 
@@ -121,10 +157,8 @@ mod _core {
             py: Python<'py>,
             keep: PyReadonlyArray1<'py, u8>,
         ) -> PyResult<Csr<'py>> {
-            let keep = slice(&keep, "keep")?;
-            let (offsets, indices) = py
-                .detach(|| self.inner.kept_indices(keep))
-                .map_err(DeppruneErr)?;
+            let keep = slice(&keep);
+            let (offsets, indices) = run_core(py, || self.inner.kept_indices(&keep))?;
             Ok((offsets.into_pyarray(py), indices.into_pyarray(py)))
         }
 
@@ -135,17 +169,14 @@ mod _core {
             axis: i64,
             keep: PyReadonlyArray1<'py, u8>,
         ) -> PyResult<Bound<'py, PyArray1<u8>>> {
-            let keep = slice(&keep, "keep")?;
-            let axis = usize::try_from(axis).unwrap_or(usize::MAX);
-            let mask = py
-                .detach(|| self.inner.kept_mask_of_axis(axis, keep))
-                .map_err(DeppruneErr)?;
+            let keep = slice(&keep);
+            let mask = run_core(py, || self.inner.kept_mask_of_axis(axis, &keep))?;
             Ok(mask.into_pyarray(py))
         }
 
         /// The structure of an axis, e.g. "product(g0[2], sum(g1[2], g1[2]))".
-        fn describe_axis(&self, axis: i64) -> PyResult<String> {
-            Ok(self.inner.describe_axis(axis).map_err(DeppruneErr)?)
+        fn describe_axis(&self, py: Python<'_>, axis: i64) -> PyResult<String> {
+            run_core(py, || self.inner.describe_axis(axis))
         }
     }
 
@@ -164,22 +195,29 @@ mod _core {
         row_dims: PyReadonlyArray1<'py, i64>,
         row_axes: PyReadonlyArray1<'py, i64>,
     ) -> PyResult<Analysis> {
+        let (axis_sizes, eq_kinds, eq_left) =
+            (slice(&axis_sizes), slice(&eq_kinds), slice(&eq_left));
+        let (eq_right_offsets, eq_right, frozen_axes) = (
+            slice(&eq_right_offsets),
+            slice(&eq_right),
+            slice(&frozen_axes),
+        );
+        let (row_params, row_dims, row_axes) =
+            (slice(&row_params), slice(&row_dims), slice(&row_axes));
         let equations = EquationSet {
-            axis_sizes: slice(&axis_sizes, "axis_sizes")?,
-            kinds: slice(&eq_kinds, "eq_kinds")?,
-            left: slice(&eq_left, "eq_left")?,
-            right_offsets: slice(&eq_right_offsets, "eq_right_offsets")?,
-            right: slice(&eq_right, "eq_right")?,
-            frozen_axes: slice(&frozen_axes, "frozen_axes")?,
+            axis_sizes: &axis_sizes,
+            kinds: &eq_kinds,
+            left: &eq_left,
+            right_offsets: &eq_right_offsets,
+            right: &eq_right,
+            frozen_axes: &frozen_axes,
         };
         let params = ParamTable {
-            params: slice(&row_params, "row_params")?,
-            dims: slice(&row_dims, "row_dims")?,
-            axes: slice(&row_axes, "row_axes")?,
+            params: &row_params,
+            dims: &row_dims,
+            axes: &row_axes,
         };
-        let inner = py
-            .detach(|| depprune_core::analyze(&equations, &params))
-            .map_err(DeppruneErr)?;
+        let inner = run_core(py, || depprune_core::analyze(&equations, &params))?;
         Ok(Analysis { inner })
     }
 }
