@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from depprune.errors import SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
-from depprune.kinds import KINDS, group_kind
+from depprune.kinds import KINDS, group_kinds
 from depprune.plan import GroupChoice, Plan
 from depprune.selection import Scope, check_ratios, select
 from depprune.tracer import record, split_inputs
@@ -147,7 +147,7 @@ def make_plan(
             raise TraceError("make_plan needs example_inputs to trace the model, or a graph")
         graph = trace(model, example_inputs, ignored=ignored, strict=strict)
     ctx = ScoreContext.from_model(graph, model)
-    kind_of = {g.index: group_kind(g, graph, model) for g in graph.groups}
+    kind_of = group_kinds(graph, model)
     chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
     scores = score_groups(chosen, importance or magnitude(2), ctx)
     removed = select(

@@ -514,7 +514,8 @@ def apply_kept_indices(model: nn.Module, kept: Kept) -> None:
     :class:`PlanMismatchError` before changing anything if the plan does not
     fit the model.
     """
-    with torch.no_grad():
+    # Outside inference mode, so the new parameters can still be trained.
+    with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
         attribute_changes = _attribute_changes(model, _View(model, cuts, changed))
     # Nothing above touched the model; from here on only assignments happen.

@@ -2,7 +2,7 @@
 
 The kind is read from the unit maps, not from model-specific code: a unit
 that covers a run of consecutive indices in some parameter is a whole head
-(or a whole conv group); a unit that appears several times in every
+(or a whole conv group) when another group subdivides that run; a unit that appears several times in every
 parameter, one index at a time, is a slot inside heads (head_dim); a group
 with an embedding or a layer/RMS norm among its members is the hidden size.
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from depprune.graph import DependencyGraph, Group
 
-__all__ = ["KINDS", "group_kind"]
+__all__ = ["KINDS", "group_kind", "group_kinds"]
 
 #: Every kind :func:`group_kind` returns.
 KINDS = ("hidden", "heads", "head_dim", "neurons", "channels", "conv_groups")
@@ -32,20 +32,42 @@ def _is_hidden_norm(module: nn.Module | None) -> bool:
     return module is not None and type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def group_kind(group: Group, graph: DependencyGraph, model: nn.Module) -> str:
-    """The kind of ``group``'s units in ``model``: one of :data:`KINDS`."""
+def group_kinds(graph: DependencyGraph, model: nn.Module) -> dict[int, str]:
+    """The kind of every group of ``graph``, by group index."""
     modules = dict(model.named_modules())
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    shared: dict[tuple[str, int], int] = {}
+    for group in graph.groups:
+        for member in group.members:
+            shared[member] = shared.get(member, 0) + 1
+    return {g.index: _kind(g, graph, modules, params, shared) for g in graph.groups}
+
+
+def group_kind(group: Group, graph: DependencyGraph, model: nn.Module) -> str:
+    """The kind of ``group``'s units in ``model``: one of :data:`KINDS`."""
+    return group_kinds(graph, model)[group.index]
+
+
+def _kind(
+    group: Group,
+    graph: DependencyGraph,
+    modules: dict[str, nn.Module],
+    params: set[str],
+    shared: dict[tuple[str, int], int],
+) -> str:
     owners = {name: modules.get(name.rpartition(".")[0]) for name, _ in group.members}
     if any(isinstance(m, nn.Embedding) or _is_hidden_norm(m) for m in owners.values()):
         return "hidden"
     is_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in owners.values())
     fewest_copies = None
-    for (name, _), unit_map in graph.unit_maps(group).items():
+    for (name, dim), unit_map in graph.unit_maps(group).items():
         if name not in params:
             continue  # buffers such as RoPE's inv_freq hold one entry per unit
         on = unit_map >= 0
-        if np.any(on[1:] & (unit_map[1:] == unit_map[:-1])):
+        # A unit over a run of indices that another group subdivides is a whole head;
+        # a run over frozen positions (channels flattened with space) is not.
+        runs = np.any(on[1:] & (unit_map[1:] == unit_map[:-1]))
+        if runs and shared[(name, dim)] > 1:
             return "conv_groups" if is_conv else "heads"
         copies = int(np.bincount(unit_map[on], minlength=group.size).min())
         fewest_copies = copies if fewest_copies is None else min(fewest_copies, copies)

@@ -126,6 +126,13 @@ class _Recorder(TorchDispatchMode):
             # The rare paths, kept off the per-op fast path.
             if func in _DATA_DEPENDENT and args and args[0].is_meta:
                 return self._neutral(func, args[0])
+            if rule is None:
+                # Composite ops (conv2d under inference_mode) run as their decomposition,
+                # whose ops come back through this mode and have rules.
+                with self:
+                    out = func.decompose(*args, **(kwargs or {}))
+                if out is not NotImplemented:
+                    return out
             if rule is None and self.strict:
                 self.error = UnsupportedOpError(
                     f"{func.overloadpacket} has no axis rule; pass strict=False to freeze its "

@@ -1,0 +1,125 @@
+"""The one-call API: trace, make_plan, Plan.apply, prune and the report."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from pruning_oracle import assert_same_outputs, outputs
+from torch import nn
+
+import depprune
+from depprune import SelectionError
+from depprune.kinds import KINDS, group_kinds
+
+IMAGE = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    ).eval()
+
+
+def test_prune_under_inference_mode_matches_no_grad_and_stays_trainable():
+    reference = small_cnn()
+    depprune.prune(reference, IMAGE, ratio=0.5)
+    model = small_cnn()
+    with torch.inference_mode():
+        graph = depprune.trace(model, IMAGE)
+        report = depprune.prune(model, IMAGE, ratio=0.5)
+    assert graph.unsupported_ops == {}
+    assert report.params_after == sum(p.numel() for p in reference.parameters())
+    for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    # Parameters made in inference mode could not be trained; these can.
+    model.train()
+    model(IMAGE).sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_make_plan_leaves_the_model_alone_and_apply_matches_prune():
+    model, twin = small_cnn(), small_cnn()
+    plan = depprune.make_plan(model, IMAGE, ratio=0.25)
+    assert model[0].out_channels == 8
+    assert plan.params_after(model) < sum(p.numel() for p in model.parameters())
+    plan.apply(model)
+    depprune.prune(twin, IMAGE, ratio=0.25)
+    assert_same_outputs(outputs(twin, IMAGE), outputs(model, IMAGE), atol=0)
+    assert model[0].out_channels == 6 and model[4].in_features == 6 * 36
+
+
+def test_plan_made_on_meta_applies_to_real_weights():
+    with torch.device("meta"):
+        meta = small_cnn()
+    # Scores from meta weights are not real values; the structure is what carries over.
+    plan = depprune.make_plan(meta, IMAGE, ratio=0.5, importance=depprune.importance.random(0))
+    real = small_cnn()
+    plan.apply(real)
+    assert real[0].weight.shape == (4, 3, 3, 3) and real[0].weight.device.type == "cpu"
+    assert real(IMAGE).shape == (2, 4)
+
+
+def test_dtype_device_and_requires_grad_are_kept():
+    model = small_cnn().to(torch.bfloat16)
+    model[4].weight.requires_grad_(False)
+    depprune.prune(model, IMAGE.to(torch.bfloat16), ratio=0.5)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not model[4].weight.requires_grad and model[0].weight.requires_grad
+    assert isinstance(model[0].weight, nn.Parameter)
+
+
+def test_report_table_lists_pruned_groups():
+    model = small_cnn()
+    report = depprune.prune(model, IMAGE, ratio=0.5)
+    text = str(report)
+    assert "parameters" in text and "MACs" in text
+    assert "    0  channels         8 -> 4  0.weight[0]" in text
+    assert report.macs_after < report.macs_before
+
+
+def test_kinds_limit_what_is_pruned():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    report = depprune.prune(model, torch.randn(3, 4), ratio=0.5, kinds="channels")
+    assert report.params_after == report.params_before  # only neurons here
+    with pytest.raises(SelectionError, match=r"unknown kinds \['head'\]; choose from hidden"):
+        depprune.prune(model, torch.randn(3, 4), kinds=("head",))
+
+
+def test_kinds_from_unit_maps():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    graph = depprune.trace(model, {"input_ids": torch.zeros(1, 5, dtype=torch.long)})
+    kinds = {
+        (g.size, kind)
+        for g, kind in zip(graph.groups, group_kinds(graph, model).values(), strict=True)
+    }
+    # hidden; 2 KV heads; 2 query heads per KV head; RoPE half head_dim; v head_dim; MLP
+    assert kinds == {
+        (32, "hidden"),
+        (2, "heads"),
+        (4, "head_dim"),
+        (8, "head_dim"),
+        (48, "neurons"),
+    }
+    assert set(group_kinds(graph, model).values()) <= set(KINDS)
+
+
+def test_kinds_of_grouped_convolutions():
+    tv = pytest.importorskip("torchvision.models")
+    model = tv.resnext50_32x4d().eval()
+    graph = depprune.trace(model, torch.randn(1, 3, 32, 32))
+    counts = Counter(group_kinds(graph, model).values())
+    # Every grouped conv gives whole conv groups and the same slot of every group.
+    assert counts == {"channels": 37, "conv_groups": 16}
