@@ -123,3 +123,16 @@ def test_kinds_of_grouped_convolutions():
     counts = Counter(group_kinds(graph, model).values())
     # Every grouped conv gives whole conv groups and the same slot of every group.
     assert counts == {"channels": 37, "conv_groups": 16}
+
+
+def test_groups_carry_kind_and_parameters_per_unit():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    graph = depprune.trace(model, torch.randn(3, 4))
+    (group,) = graph.groups()
+    # One neuron: a row of 4 weights and a bias in the first layer, a column of 2 in the second.
+    assert (group.kind, group.size, group.params_per_unit) == ("neurons", 8, 4 + 1 + 2)
+    assert graph.groups("neurons") == (group,) and graph.groups("heads") == ()
+    assert str(group) == (
+        "group 0: 8 units (neurons), 7 parameters each; 0.weight[0], 0.bias[0], 2.weight[1]"
+    )
+    assert "    0       8  neurons                7  0.weight[0]" in str(graph)

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from depprune.errors import SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
-from depprune.kinds import KINDS, group_kinds
+from depprune.kinds import KINDS, group_kinds, params_per_unit
 from depprune.plan import GroupChoice, Plan
 from depprune.selection import Scope, check_ratios, select
 from depprune.tracer import record, split_inputs
@@ -52,6 +52,8 @@ def trace(
     graph = result.equations.solve()
     graph.unsupported_ops = result.unsupported_ops
     graph.notes = result.notes
+    if isinstance(model, nn.Module):
+        graph.annotate(group_kinds(graph, model), params_per_unit(graph, model))
     return graph
 
 
@@ -147,7 +149,11 @@ def make_plan(
             raise TraceError("make_plan needs example_inputs to trace the model, or a graph")
         graph = trace(model, example_inputs, ignored=ignored, strict=strict)
     ctx = ScoreContext.from_model(graph, model)
-    kind_of = group_kinds(graph, model)
+    kind_of = (
+        {g.index: g.kind for g in graph.groups}
+        if all(g.kind for g in graph.groups)
+        else group_kinds(graph, model)
+    )
     chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
     scores = score_groups(chosen, importance or magnitude(2), ctx)
     removed = select(

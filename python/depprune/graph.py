@@ -22,7 +22,7 @@ dim)`` pairs that lose indices when one of its units goes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from depprune import _core
 from depprune.equations import AxisEquations
 from depprune.errors import InvalidEquationsError, InvalidPlanError
 
-__all__ = ["DependencyGraph", "Group"]
+__all__ = ["DependencyGraph", "Group", "GroupList"]
 
 ParamDim = tuple[str, int]
 
@@ -46,9 +46,29 @@ class Group:
     size: int
     members: tuple[ParamDim, ...]
     unit_offset: int
+    #: What the units are (hidden, heads, head_dim, neurons, channels, conv_groups);
+    #: set by :func:`depprune.trace`, empty for a graph solved from bare equations.
+    kind: str = ""
+    #: Parameters removed with each unit (tied parameters once); 0 when unknown.
+    params_per_unit: int = 0
 
     def __str__(self) -> str:
-        return f"group {self.index}: {self.size} units; {_members_text(self.members)}"
+        kind = f" ({self.kind})" if self.kind else ""
+        per_unit = f", {self.params_per_unit:,} parameters each" if self.params_per_unit else ""
+        return (
+            f"group {self.index}: {self.size} units{kind}{per_unit}; {_members_text(self.members)}"
+        )
+
+
+class GroupList(tuple):
+    """The groups of a graph: a tuple that, called, filters by kind.
+
+    ``graph.groups[3]`` and ``graph.groups()`` give the groups,
+    ``graph.groups("heads")`` those of one kind.
+    """
+
+    def __call__(self, kind: str | None = None) -> tuple[Group, ...]:
+        return tuple(g for g in self if kind is None or g.kind == kind)
 
 
 def _members_text(members: Sequence[ParamDim]) -> str:
@@ -100,7 +120,7 @@ class DependencyGraph:
         unit_offsets = analysis.unit_offsets()
         member_offsets = analysis.member_offsets()
         member_rows = analysis.member_rows().tolist()
-        self.groups: tuple[Group, ...] = tuple(
+        self.groups: GroupList = GroupList(
             Group(
                 index=g,
                 size=int(sizes[g]),
@@ -217,9 +237,23 @@ class DependencyGraph:
             f"{len(self._row_keys)} parameter dims, {len(self.conflicts)} conflicts)"
         )
 
+    def annotate(self, kinds: Mapping[int, str], params_per_unit: Mapping[int, int]) -> None:
+        """Record each group's kind and parameters per unit (the tracer knows the model)."""
+        self.groups = GroupList(
+            replace(
+                g, kind=kinds.get(g.index, g.kind), params_per_unit=params_per_unit.get(g.index, 0)
+            )
+            for g in self.groups
+        )
+
     def __str__(self) -> str:
-        header = f"{'group':>5}  {'units':>6}  members"
-        lines = [repr(self), header]
+        annotated = any(g.kind for g in self.groups)
+        extra = f"{'kind':<12}{'params/unit':>12}  " if annotated else ""
+        lines = [repr(self), f"{'group':>5}  {'units':>6}  {extra}members"]
         for g in self.groups:
-            lines.append(f"{g.index:>5}  {g.size:>6}  {_members_text(g.members)}")
+            extra = f"{g.kind:<12}{g.params_per_unit:>12,}  " if annotated else ""
+            lines.append(f"{g.index:>5}  {g.size:>6}  {extra}{_members_text(g.members)}")
+        if self.unsupported_ops:
+            ops = ", ".join(f"{op} x{n}" for op, n in self.unsupported_ops.items())
+            lines.append(f"frozen by ops without a rule: {ops}")
         return "\n".join(lines)

@@ -20,7 +20,7 @@ from torch import nn
 
 from depprune.graph import DependencyGraph, Group
 
-__all__ = ["KINDS", "group_kind", "group_kinds"]
+__all__ = ["KINDS", "group_kind", "group_kinds", "params_per_unit"]
 
 #: Every kind :func:`group_kind` returns.
 KINDS = ("hidden", "heads", "head_dim", "neurons", "channels", "conv_groups")
@@ -74,3 +74,21 @@ def _kind(
     if is_conv:
         return "channels"  # also the same slot of every group of a grouped conv
     return "head_dim" if fewest_copies is not None and fewest_copies > 1 else "neurons"
+
+
+def params_per_unit(graph: DependencyGraph, model: nn.Module) -> dict[int, int]:
+    """Parameters removed with one unit of each group (tied parameters counted once)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    counts: dict[int, int] = {}
+    for group in graph.groups:
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for (name, dim), unit_map in graph.unit_maps(group).items():
+            param = tensors.get(name)
+            if param is None or (id(param), dim) in seen:
+                continue
+            seen.add((id(param), dim))
+            # Each index of this dim carries numel / size parameters.
+            total += int(np.count_nonzero(unit_map >= 0)) * (param.numel() // param.shape[dim])
+        counts[group.index] = total // group.size
+    return counts
