@@ -56,6 +56,9 @@ def check_pruning(make_model, example, *, atol=1e-4, min_groups=1):
     model = make_model().eval()
     spanned = norm_spanned_groups(graph, model)
     free = [g.index for g in graph.groups if g.index not in spanned]
+    if any(graph.groups[g].kind == "head_dim" for g in spanned):
+        # Per-head q/k norms span q/k head_dim; v keeps the same head_dim, so it stays too.
+        free = [g for g in free if graph.groups[g].kind != "head_dim"]
     if free:
         removed = plan(model, graph, free)
         expected = outputs(zeroed_copy(model, graph, removed), example)
@@ -180,6 +183,19 @@ HF = {
     "Phi3ForCausalLM": lambda: transformers.Phi3ForCausalLM(
         transformers.Phi3Config(**LLAMA_LIKE, pad_token_id=0)
     ),
+    "GemmaForCausalLM": lambda: transformers.GemmaForCausalLM(
+        transformers.GemmaConfig(**LLAMA_LIKE, head_dim=8)
+    ),
+    "Gemma2ForCausalLM": lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**LLAMA_LIKE, head_dim=8)
+    ),
+    "Gemma3ForCausalLM": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(**LLAMA_LIKE, head_dim=8)
+    ),
+    # Per-head q/k RMS norms, and tied input and output embeddings.
+    "Qwen3ForCausalLM": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(**LLAMA_LIKE, head_dim=8, tie_word_embeddings=True)
+    ),
     "GPT2LMHeadModel": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     ),
@@ -220,22 +236,31 @@ def test_transformers_model(name):
     assert_config_rebuilds(pruned)
 
 
+# Gemma scales embeddings by sqrt(hidden_size), a constant its config would recompute.
+EMBED_SCALED = {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
+
+
 @pytest.mark.parametrize("name", sorted(set(HF) - HEAD_DIM_FROM_HIDDEN))
 def test_transformers_round_trip(name, tmp_path, recwarn):
-    """Heads, neurons and hidden pruned: save_pretrained + from_pretrained give the same logits."""
+    """Heads, neurons (and hidden) pruned: save_pretrained + from_pretrained give the same logits."""
     model = seeded(HF[name])().eval()
-    report = depprune.prune(
-        model, {"input_ids": TOKENS}, ratio=0.5, kinds=("hidden", "heads", "neurons")
-    )
+    kinds = ("heads", "neurons") if name in EMBED_SCALED else ("hidden", "heads", "neurons")
+    report = depprune.prune(model, {"input_ids": TOKENS}, ratio=0.5, kinds=kinds)
     assert not [w for w in recwarn if "config" in str(w.message)]
-    kinds = {g.kind for g in report.plan.groups if g.kept < g.size}
-    assert kinds == {"hidden", "heads", "neurons"}
+    assert {g.kind for g in report.plan.groups if g.kept < g.size} == set(kinds)
     config = model.config
-    assert config.hidden_size == 16 and config.intermediate_size == 32
+    assert config.hidden_size == (32 if name in EMBED_SCALED else 16)
+    assert config.intermediate_size == 32
     assert config.num_key_value_heads == 1 and config.num_attention_heads == 1
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
+
+
+def test_pruning_gemma_hidden_warns_that_a_reload_would_differ():
+    model = seeded(HF["GemmaForCausalLM"])().eval()
+    with pytest.warns(UserWarning, match=r"scalar_embed_scale = 4.0, not 5.65"):
+        depprune.prune(model, {"input_ids": TOKENS}, kinds=("hidden",))
 
 
 def test_transformers_vit():

@@ -211,3 +211,51 @@ def test_apply_keeps_requires_grad_dtype_and_tied_weights():
     assert model[0].weight.shape == (5, 3) and model[0].weight.dtype == torch.float64
     assert not model[0].weight.requires_grad
     assert model[0].embedding_dim == 3 and model[1].in_features == 3
+
+
+def test_wanda_scores_weights_by_input_norms():
+    from depprune.importance import ScoreContext, score_groups, wanda
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    batches = [torch.randn(5, 3) * torch.tensor([10.0, 1.0, 0.1]) for _ in range(3)]
+    importance = wanda(model, batches, progress=False)
+    # By hand: ||x_j|| over all tokens, and the hidden activations' norms.
+    x = torch.cat(batches)
+    hidden = torch.relu(model[0](x))
+    w1, w2 = model[0].weight.detach(), model[2].weight.detach()
+    expected = (w1.abs() * x.norm(dim=0)).sum(1) + (w2.abs() * hidden.norm(dim=0)).sum(0)
+    graph = depprune.trace(model, x)
+    scores = score_groups(list(graph.groups), importance, ScoreContext.from_model(graph, model))
+    torch.testing.assert_close(scores[0], expected.detach())
+
+
+def test_wanda_prunes_an_hf_model_and_needs_batches():
+    from depprune.importance import ImportanceError, wanda
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": tokens[i : i + 1]} for i in range(2)]
+    importance = wanda(model, batches, progress=False)
+    assert set(importance.input_norms) >= {"model.layers.0.mlp.down_proj.weight", "lm_head.weight"}
+    report = depprune.prune(
+        model,
+        {"input_ids": tokens},
+        importance=importance,
+        kinds=("heads", "neurons"),
+        progress=False,
+    )
+    assert report.params_after < report.params_before
+    assert model(tokens).logits.shape == (2, 9, 64)
+    with pytest.raises(ImportanceError, match="calibration gave no batches"):
+        wanda(model, [], progress=False)

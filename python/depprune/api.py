@@ -123,6 +123,7 @@ def make_plan(
     global_ranking: bool = False,
     kinds: Iterable[str] | None = None,
     strict: bool = False,
+    progress: bool | None = None,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
 
@@ -132,7 +133,8 @@ def make_plan(
     module or tuple of modules, ``ignored`` modules untouched, ``round_to``
     keeps multiples of N units, ``global_ranking`` ranks a scope's groups
     together, ``kinds`` limits pruning to groups of those kinds, from
-    :data:`depprune.kinds.KINDS`, e.g. ``("heads", "neurons")``).
+    :data:`depprune.kinds.KINDS`, e.g. ``("heads", "neurons")``). Scoring shows a
+    progress bar on a terminal; ``progress=False`` silences it, ``True`` forces it.
 
     >>> import torch, depprune
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -155,7 +157,7 @@ def make_plan(
         else group_kinds(graph, model)
     )
     chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
-    scores = score_groups(chosen, importance or magnitude(2), ctx)
+    scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
     removed = select(
         graph,
         scores,
@@ -208,6 +210,7 @@ def prune(
     kinds: Iterable[str] | None = None,
     strict: bool = False,
     count_macs: bool = True,
+    progress: bool | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and return a report; on any error it is left as it was.
 
@@ -227,6 +230,7 @@ def prune(
         min_units=min_units,
         global_ranking=global_ranking,
         kinds=kinds,
+        progress=progress,
     )
     params_before = _count_params(model)
     macs_before = _count_macs(model, example_inputs) if count_macs else 0

@@ -233,14 +233,8 @@ def _attention_attrs(
 def _fix_hf_attention(m: nn.Module, p: str, v: _View) -> dict:
     """Separate q/k(/v) projections viewed as (heads, head_dim): count what each kept."""
     head_dim = getattr(m, "head_dim", None) or m.attention_head_size
-    q, k = (
-        (p + "q_proj.weight", p + "k_proj.weight")
-        if hasattr(m, "q_proj")
-        else (
-            p + "query.weight",
-            p + "key.weight",
-        )
-    )
+    names = ("q_proj", "k_proj", "v_proj") if hasattr(m, "q_proj") else ("query", "key", "value")
+    q, k, val = (f"{p}{name}.weight" for name in names)
     heads, q_dim = _heads_kept(v, q, head_dim, 0, v.old_shape(q)[0])
     kv_heads, k_dim = _heads_kept(v, k, head_dim, 0, v.old_shape(k)[0])
     if k_dim != q_dim:
@@ -248,7 +242,9 @@ def _fix_hf_attention(m: nn.Module, p: str, v: _View) -> dict:
             f"{p[:-1]}: queries would keep head_dim {q_dim} but keys {k_dim}; "
             "q and k head_dim must be pruned together"
         )
-    return _attention_attrs(m, p[:-1], heads, kv_heads, q_dim, None)
+    # One head_dim attribute shapes q, k and v alike, so v must keep as many.
+    v_dim = _heads_kept(v, val, head_dim, 0, v.old_shape(val)[0])[1] if val in v.tensors else None
+    return _attention_attrs(m, p[:-1], heads, kv_heads, q_dim, v_dim)
 
 
 def _fix_fused_qkv(m: nn.Module, p: str, v: _View) -> dict:

@@ -18,14 +18,18 @@ one ``scatter_add`` per member, never a Python loop over channels. Buffers
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
 
 from depprune.errors import ImportanceError
 from depprune.graph import DependencyGraph, Group
+from depprune.tracer import split_inputs
 
 __all__ = [
     "Importance",
@@ -36,6 +40,7 @@ __all__ = [
     "random",
     "score_groups",
     "taylor",
+    "wanda",
 ]
 
 
@@ -159,12 +164,115 @@ def random(seed: int = 0) -> Importance:
     return score
 
 
+def wanda(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    *,
+    progress: bool | None = None,
+) -> Importance:
+    """Activation-aware importance (Wanda): ``|W| x ||input feature||_2`` over calibration data.
+
+    Runs ``model`` on every batch of ``calibration`` (each a tensor, a tuple
+    or a dict of inputs, like ``example_inputs``) with forward hooks on every
+    ``nn.Linear`` (and transformers' ``Conv1D``) that add up the squared
+    norm of each input feature, so memory stays at one layer's activations.
+    A unit's score sums ``|W_ij| * ||X_j||`` over the weight slices it would
+    remove; groups with no such weight fall back to L2 magnitude. Shows a
+    progress bar over batches (``progress=False`` silences it; ``None``:
+    only on a terminal).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    >>> score = wanda(model, [torch.tensor([[3.0, 0.0], [4.0, 0.0]])], progress=False)
+    >>> score.input_norms["0.weight"].tolist()
+    [5.0, 0.0]
+    """
+    sums, input_dims, counted = _input_square_sums(model, calibration, progress)
+    if not counted:
+        raise ImportanceError(
+            "calibration gave no batches, or the model has no nn.Linear layers to read "
+            "inputs of; pass an iterable of example inputs"
+        )
+    norms = {name: total.sqrt() for name, total in sums.items()}
+    fallback = magnitude(2)
+
+    def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
+        def per_index(name: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
+            norm = norms.get(name)
+            if norm is None:
+                return None
+            weighted = tensor.detach().abs().float()
+            # nn.Linear holds (out, in); Conv1D holds (in, out).
+            norm = norm.to(weighted.device)
+            weighted = weighted * (norm[None, :] if input_dims[name] == 1 else norm[:, None])
+            return _reduce_other_dims(weighted, dim)
+
+        try:
+            return _scatter_members(group, ctx, per_index)
+        except ImportanceError:
+            return fallback(group, ctx)
+
+    score.__name__ = "wanda"
+    score.input_norms = norms  # type: ignore[attr-defined]
+    return score
+
+
+def _input_square_sums(
+    model: nn.Module, calibration: Iterable[Any], progress: bool | None
+) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """Squared L2 norm of every input feature of every linear layer, over all batches.
+
+    Also gives, per weight name, which dim of the weight is the input dim.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    input_dims: dict[str, int] = {}
+    hooks = []
+    for module_name, module in model.named_modules():
+        is_conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+        if not isinstance(module, nn.Linear) and not is_conv1d:
+            continue
+        key = f"{module_name}.weight" if module_name else "weight"
+        input_dims[key] = 0 if is_conv1d else 1
+
+        def hook(_module, inputs, _output, key=key) -> None:
+            x = inputs[0].detach()
+            # Reduce at once: only this layer's activation is ever held.
+            total = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
+            sums[key] = sums[key] + total if key in sums else total
+
+        hooks.append(module.register_forward_hook(hook))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calibration, desc="wanda calibration", disable=_quiet(progress)):
+                batch = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
+                args, kwargs = split_inputs(batch)
+                model(*args, **kwargs)
+                batches += 1
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return sums, input_dims, batches * bool(hooks)
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None shows bars only on a terminal."""
+    return None if progress is None else not progress
+
+
 def score_groups(
-    groups: list[Group], importance: Importance, ctx: ScoreContext
+    groups: list[Group],
+    importance: Importance,
+    ctx: ScoreContext,
+    *,
+    progress: bool | None = None,
 ) -> dict[int, torch.Tensor]:
     """Scores of every group as float32 CPU tensors, checked for shape and NaN."""
     result = {}
-    for group in groups:
+    for group in tqdm(groups, desc="scoring groups", disable=_quiet(progress), leave=False):
         scores = importance(group, ctx)
         if not isinstance(scores, torch.Tensor) or scores.shape != (group.size,):
             raise ImportanceError(

@@ -2,9 +2,11 @@
 
 The kind is read from the unit maps, not from model-specific code: a unit
 that covers a run of consecutive indices in some parameter is a whole head
-(or a whole conv group) when another group subdivides that run; a unit that appears several times in every
-parameter, one index at a time, is a slot inside heads (head_dim); a group
-with an embedding or a layer/RMS norm among its members is the hidden size.
+(or a whole conv group) when another group subdivides that run; a unit
+that appears several times in every parameter but norms, one index at a
+time, is a slot inside heads (head_dim, even with per-head q/k norms);
+otherwise a group with an embedding or a layer/RMS norm among its members
+is the hidden size.
 
 >>> import torch, depprune
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -56,7 +58,7 @@ def _kind(
     shared: dict[tuple[str, int], int],
 ) -> str:
     owners = {name: modules.get(name.rpartition(".")[0]) for name, _ in group.members}
-    if any(isinstance(m, nn.Embedding) or _is_hidden_norm(m) for m in owners.values()):
+    if any(isinstance(m, nn.Embedding) for m in owners.values()):
         return "hidden"
     is_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in owners.values())
     fewest_copies = None
@@ -69,11 +71,17 @@ def _kind(
         runs = np.any(on[1:] & (unit_map[1:] == unit_map[:-1]))
         if runs and shared[(name, dim)] > 1:
             return "conv_groups" if is_conv else "heads"
+        if _is_hidden_norm(owners[name]):
+            continue  # a per-head q/k norm holds one entry per head_dim slot
         copies = int(np.bincount(unit_map[on], minlength=group.size).min())
         fewest_copies = copies if fewest_copies is None else min(fewest_copies, copies)
     if is_conv:
         return "channels"  # also the same slot of every group of a grouped conv
-    return "head_dim" if fewest_copies is not None and fewest_copies > 1 else "neurons"
+    if fewest_copies is not None and fewest_copies > 1:
+        return "head_dim"
+    if any(_is_hidden_norm(m) for m in owners.values()):
+        return "hidden"
+    return "neurons"
 
 
 def params_per_unit(graph: DependencyGraph, model: nn.Module) -> dict[int, int]:
