@@ -282,3 +282,39 @@ def test_transformers_vit():
     assert len(graph.groups) >= 4
     assert pruned.config.hidden_size == pruned.embeddings.patch_embeddings.projection.out_channels
     assert_config_rebuilds(pruned)
+
+
+def test_uneven_layers_are_refused_before_touching_an_hf_model(tmp_path):
+    from test_errors import assert_unchanged, snapshot
+
+    def weak_first_layer():
+        model = seeded(HF["LlamaForCausalLM"])().eval()
+        mlp = model.model.layers[0].mlp
+        with torch.no_grad():  # 48 of layer 0's 64 neurons nearly dead: global ranking takes them
+            for weight in (mlp.gate_proj.weight, mlp.up_proj.weight):
+                weight[:48].mul_(0.01)
+            mlp.down_proj.weight[:, :48].mul_(0.01)
+        return model
+
+    model = weak_first_layer()
+    inputs = {"input_ids": TOKENS}
+    before = snapshot(model)
+    with pytest.raises(
+        depprune.SelectionError,
+        match=r"layers would keep different sizes.*"
+        r"model\.layers\.#\.mlp\.gate_proj\.weight\[0\] \(neurons: keeps \[\d+, \d+\]\)"
+        r".*uniform=True",
+    ):
+        depprune.prune(model, inputs, kinds=("neurons",), global_ranking=True)
+    assert_unchanged(model, before)
+
+    depprune.prune(model, inputs, kinds=("neurons",), global_ranking=True, uniform=True)
+    assert model.config.intermediate_size == 32
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
+
+    uneven = weak_first_layer()
+    with pytest.warns(UserWarning, match="layers keep different sizes"):
+        depprune.prune(uneven, inputs, kinds=("neurons",), global_ranking=True, uniform=False)
+    assert uneven.model.layers[0].mlp.gate_proj.out_features != 32

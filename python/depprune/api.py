@@ -29,7 +29,7 @@ from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
 from depprune.kinds import KINDS, group_kinds, params_per_unit
 from depprune.plan import GroupChoice, Plan
-from depprune.selection import Scope, check_ratios, select
+from depprune.selection import Scope, check_ratios, make_uniform, select, uneven_roles
 from depprune.tracer import record, split_inputs
 
 __all__ = ["PruneReport", "make_plan", "prune", "trace"]
@@ -122,6 +122,7 @@ def make_plan(
     min_units: int = 1,
     global_ranking: bool = False,
     kinds: Iterable[str] | None = None,
+    uniform: bool | None = None,
     strict: bool = False,
     progress: bool | None = None,
 ) -> Plan:
@@ -135,6 +136,12 @@ def make_plan(
     together, ``kinds`` limits pruning to groups of those kinds, from
     :data:`depprune.kinds.KINDS`, e.g. ``("heads", "neurons")``). Scoring shows a
     progress bar on a terminal; ``progress=False`` silences it, ``True`` forces it.
+
+    ``uniform=True`` makes groups with the same role in every layer (all KV
+    head groups, all MLP neuron groups) keep the same number of units, as a
+    Hugging Face config needs; by default (``None``) a model with such a
+    config raises :class:`SelectionError` if the selection would not be
+    uniform, before anything is changed; ``uniform=False`` allows it.
 
     >>> import torch, depprune
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -169,6 +176,18 @@ def make_plan(
         min_units=min_units,
         global_ranking=global_ranking,
     )
+    if uniform:
+        removed = make_uniform(graph, scores, removed, round_to, min_units)
+    elif uniform is None and hasattr(getattr(model, "config", None), "to_dict"):
+        uneven = uneven_roles(graph, removed)
+        if uneven:
+            raise SelectionError(
+                f"layers would keep different sizes, which {type(model).__name__}'s config "
+                f"cannot describe, so from_pretrained could not reload the result: "
+                f"{'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. Pass "
+                "uniform=True for the same size in every layer (each layer still drops its "
+                "own weakest units), or uniform=False to prune unevenly anyway"
+            )
     choices = [
         GroupChoice(
             index=g.index,
@@ -208,6 +227,7 @@ def prune(
     min_units: int = 1,
     global_ranking: bool = False,
     kinds: Iterable[str] | None = None,
+    uniform: bool | None = None,
     strict: bool = False,
     count_macs: bool = True,
     progress: bool | None = None,
@@ -230,6 +250,7 @@ def prune(
         min_units=min_units,
         global_ranking=global_ranking,
         kinds=kinds,
+        uniform=uniform,
         progress=progress,
     )
     params_before = _count_params(model)

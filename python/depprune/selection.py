@@ -19,6 +19,7 @@ dividing each group's scores by their mean so groups are comparable.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -28,7 +29,16 @@ from torch import nn
 from depprune.errors import SelectionError
 from depprune.graph import DependencyGraph, Group
 
-__all__ = ["SelectionError", "check_ratios", "lowest", "select", "units_to_keep"]
+__all__ = [
+    "SelectionError",
+    "check_ratios",
+    "layer_role",
+    "lowest",
+    "make_uniform",
+    "select",
+    "uneven_roles",
+    "units_to_keep",
+]
 
 Scope = nn.Module | tuple[nn.Module, ...]
 
@@ -181,3 +191,57 @@ def _select_global(
         keep = units_to_keep(g.size, counts[i] / g.size, round_to, min_units)
         result[g.index] = lowest(scores[g.index], g.size - keep)
     return result
+
+
+def layer_role(group: Group) -> tuple[str, int, int, str]:
+    """What a group is in its layer: its first member with layer numbers blanked, and size.
+
+    Groups with the same role in different layers (every layer's KV heads)
+    must keep the same number of units for one config to describe them.
+
+    >>> layer_role(Group(0, 8, (("model.layers.3.mlp.up_proj.weight", 0),), 0, "neurons"))
+    ('model.layers.#.mlp.up_proj.weight', 0, 8, 'neurons')
+    """
+    name, dim = group.members[0]
+    return (_LAYER_NUMBER.sub(".#.", name), dim, group.size, group.kind)
+
+
+_LAYER_NUMBER = re.compile(r"\.\d+\.")
+
+
+def uneven_roles(graph: DependencyGraph, removed: Mapping[int, np.ndarray]) -> list[str]:
+    """Roles whose groups would keep different unit counts in different layers."""
+    kept: dict[tuple, set[int]] = {}
+    for g in graph.groups:
+        kept.setdefault(layer_role(g), set()).add(g.size - len(removed.get(g.index, ())))
+    return [
+        f"{role[0]}[{role[1]}] ({role[3] or 'units'}: keeps {sorted(counts)})"
+        for role, counts in kept.items()
+        if len(counts) > 1
+    ]
+
+
+def make_uniform(
+    graph: DependencyGraph,
+    scores: Mapping[int, torch.Tensor],
+    removed: Mapping[int, np.ndarray],
+    round_to: int | None = None,
+    min_units: int = 1,
+) -> dict[int, np.ndarray]:
+    """The same number of units removed from every scored group of a role (the rounded mean).
+
+    Each group still removes its own lowest-scored units, so a global
+    ranking's budget is kept on average while every layer keeps one size.
+    """
+    by_role: dict[tuple, list[Group]] = {}
+    for g in graph.groups:
+        if g.index in scores:
+            by_role.setdefault(layer_role(g), []).append(g)
+    result = dict(removed)
+    for groups in by_role.values():
+        count = sum(len(removed.get(g.index, ())) for g in groups) / len(groups)
+        size = groups[0].size  # one role, one size
+        keep = units_to_keep(size, count / size, round_to, min_units)
+        for g in groups:
+            result[g.index] = lowest(scores[g.index], size - keep)
+    return {g: units for g, units in result.items() if units.size}
