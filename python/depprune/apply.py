@@ -300,12 +300,23 @@ def _fix_torchvision_vit(m: nn.Module, p: str, v: _View) -> dict:
     return {"hidden_dim": v.shape(p + "conv_proj.weight")[0]}
 
 
+def _mlp_width_field(m: nn.Module, p: str) -> str:
+    """The config field an MLP's width comes from: a MoE shared expert has its own."""
+    config = getattr(m, "config", None)
+    if p[:-1].rpartition(".")[2] in ("shared_expert", "shared_experts") and hasattr(
+        config, "shared_expert_intermediate_size"
+    ):
+        return "shared_expert_intermediate_size"
+    return "intermediate_size"
+
+
 def _fix_mlp(m: nn.Module, p: str, v: _View) -> dict:
     """MLP blocks that record their width (Llama-style, BERT, GPT-2): the new width."""
+    field = "config." + _mlp_width_field(m, p)
     if p + "gate_up_proj.weight" in v.tensors:
         # Phi-3 fuses gate and up and chunks them in two.
         width = v.shape(p + "gate_up_proj.weight")[0] // 2
-        return {"config.intermediate_size": width}
+        return {field: width}
     for name, dim in [
         ("gate_proj.weight", 0),
         ("up_proj.weight", 0),
@@ -316,8 +327,67 @@ def _fix_mlp(m: nn.Module, p: str, v: _View) -> dict:
         if p + name in v.tensors:
             width = v.shape(p + name)[dim]
             attrs = {"intermediate_size": width} if hasattr(m, "intermediate_size") else {}
-            return attrs | {"config.intermediate_size": width}
+            return attrs | {field: width}
     return {}
+
+
+#: Rows of a (tokens, features) operand of torch's grouped_mm must start 16 bytes apart.
+_GROUPED_MM_ALIGNMENT = 16
+
+
+def _fix_experts(m: nn.Module, p: str, v: _View) -> dict:
+    """MoE experts stored as 3-d tensors: ``down_proj`` is [experts, hidden, width].
+
+    Every expert keeps the same neurons' slots (the storage is one tensor),
+    so the width is one number, the config's ``moe_intermediate_size`` where
+    it has one (Qwen-MoE), else its ``intermediate_size`` (Mixtral).
+    ``is_transposed`` experts store [experts, width, hidden].
+    """
+    down = v.shape(p + "down_proj")
+    transposed = bool(getattr(m, "is_transposed", False))
+    hidden, width = (int(down[2]), int(down[1])) if transposed else (int(down[1]), int(down[2]))
+    attrs: dict = {}
+    for attr, value in [
+        ("intermediate_dim", width),
+        ("intermediate_size", width),
+        ("hidden_dim", hidden),
+        ("hidden_size", hidden),
+    ]:
+        if isinstance(getattr(m, attr, None), int):
+            attrs[attr] = value
+    config = getattr(m, "config", None)
+    field = "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else None
+    return attrs | {f"config.{field or 'intermediate_size'}": width}
+
+
+def _experts_fallback(m: nn.Module, p: str, v: _View) -> tuple[nn.Module, dict] | None:
+    """Switch experts whose new sizes torch's ``grouped_mm`` rejects to the eager loop.
+
+    grouped_mm (transformers' default experts implementation) needs rows
+    16-byte aligned: hidden size and width multiples of 4 in fp32, 8 in
+    bf16. The eager loop takes any size and computes the same function.
+    """
+    config = getattr(m, "config", None)
+    if getattr(config, "_experts_implementation", None) != "grouped_mm":
+        return None
+    itemsize = m.down_proj.element_size()
+    sizes = tuple(int(n) for n in v.shape(p + "down_proj")[1:])
+    if not any(n * itemsize % _GROUPED_MM_ALIGNMENT for n in sizes):
+        return None
+    multiple = _GROUPED_MM_ALIGNMENT // itemsize
+    _warn_at_caller(
+        f"{p[:-1]} keeps expert sizes {sizes}, not multiples of {multiple}, which torch's "
+        "grouped_mm cannot run; the model now uses experts_implementation='eager' (the same "
+        "function). Pass round_to="
+        f"{multiple} to keep grouped_mm, or load the saved model with "
+        "from_pretrained(..., experts_implementation='eager')"
+    )
+    return config, {"_experts_implementation": "eager"}
+
+
+def _fix_router(m: nn.Module, p: str, v: _View) -> dict:
+    """A MoE router: its own ``weight`` [experts, hidden] and the hidden size it reshapes to."""
+    return {"hidden_dim": int(v.shape(p + "weight")[1])}
 
 
 FIXERS: list[tuple[type, Fixer]] = [
@@ -353,6 +423,17 @@ def _fixer_for(module: nn.Module) -> Fixer | None:
         return _fix_hf_attention
     if kind == "VisionTransformer" and _has(module, "conv_proj", "hidden_dim"):
         return _fix_torchvision_vit
+    down = getattr(module, "down_proj", None)
+    if isinstance(down, nn.Parameter) and down.dim() == 3:
+        return _fix_experts
+    weight = getattr(module, "weight", None)
+    if (
+        isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and isinstance(getattr(module, "hidden_dim", None), int)
+        and _has(module, "num_experts")
+    ):
+        return _fix_router
     if kind.endswith(("MLP", "Intermediate")) or _has(module, "intermediate_size"):
         return _fix_mlp
     return None
@@ -481,6 +562,7 @@ def _rebuild_mismatch(
 
 def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, dict]]:
     changes = []
+    fallbacks = []
     for module_name, module in model.named_modules():
         fixer = _fixer_for(module)
         prefix = f"{module_name}." if module_name else ""
@@ -489,6 +571,10 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
         if fixer in (_fix_layer_norm, _fix_group_norm) and module.weight is None:
             continue
         changes.append((module, fixer(module, prefix, view)))
+        if fixer is _fix_experts:
+            fallback = _experts_fallback(module, prefix, view)
+            if fallback is not None and all(fallback[0] is not m for m, _ in fallbacks):
+                fallbacks.append(fallback)
     config_changes = _uniform_config(model, view, changes)
     changes = [(m, {k: v for k, v in a.items() if "." not in k}) for m, a in changes]
     if config_changes:
@@ -499,7 +585,7 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
             for module in model.modules():
                 if isinstance(getattr(module, "hidden_size", None), int):
                     changes.append((module, {"hidden_size": hidden}))
-    return changes
+    return changes + fallbacks
 
 
 def apply_kept_indices(model: nn.Module, kept: Kept) -> None:

@@ -3,7 +3,11 @@
 :func:`record` runs the model once under a ``TorchDispatchMode`` that gives
 every tensor it sees one axis per dim and hands every ATen call to its rule
 in :mod:`depprune.rules`. Tensor values are never read, so a model built on
-the meta device traces without weights.
+the meta device traces without weights. There, calls that read values
+(``.item()``, ``bool()``) get a neutral answer, and ops whose output shape
+depends on values (``nonzero``, boolean masks, ``bincount``, ``unique``: MoE
+routing) the fullest one (every element nonzero, every value distinct), so
+every expert's code runs; the trace's notes say so.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -59,6 +63,73 @@ _DATA_DEPENDENT = {
     _aten._local_scalar_dense.default: ".item() (aten._local_scalar_dense) on a meta tensor",
     _aten.is_nonzero.default: "bool() (aten.is_nonzero) on a meta tensor",
     _aten.equal.default: "torch.equal (aten.equal) on meta tensors",
+}
+_MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+def _all_nonzero(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.numel(), x.dim()), dtype=torch.long)
+
+
+def _all_selected(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((torch.broadcast_shapes(x.shape, mask.shape).numel(),))
+
+
+def _index_all_true(x: torch.Tensor, indices: list) -> Any:
+    if not any(t is not None and t.dtype in _MASK_DTYPES for t in indices):
+        return NotImplemented
+    # A mask of every element true picks what its nonzero() coordinates pick.
+    long_indices: list = []
+    for t in indices:
+        if t is not None and t.dtype in _MASK_DTYPES:
+            long_indices += [t.new_empty((t.numel(),), dtype=torch.long)] * t.dim()
+        else:
+            long_indices.append(t)
+    return _aten.index.Tensor(x, long_indices)
+
+
+def _bincount_below_minlength(x: torch.Tensor, weights=None, minlength: int = 0) -> torch.Tensor:
+    dtype = torch.float64 if weights is not None else torch.long
+    if weights is not None and weights.dtype is torch.float32:
+        dtype = torch.float32
+    return x.new_empty((minlength or x.numel(),), dtype=dtype)
+
+
+def _unique_all_distinct(
+    x: torch.Tensor, sorted: bool = True, return_inverse: bool = False, return_counts: bool = False
+) -> tuple:
+    n = x.numel()
+    inverse = x.new_empty(x.shape if return_inverse else (0,), dtype=torch.long)
+    return x.new_empty((n,)), inverse, x.new_empty((n if return_counts else 0,), dtype=torch.long)
+
+
+def _repeat_once(repeats: torch.Tensor, output_size=None) -> Any:
+    if output_size is not None:
+        return NotImplemented
+    return repeats.new_empty((repeats.numel(),), dtype=torch.long)
+
+
+#: Ops whose output shape depends on values (MoE routing, masks): on meta tensors they get
+#: the answer of the fullest case, so that every branch the data could take is traced.
+_DATA_DEPENDENT_SHAPES = {
+    _aten.nonzero.default: ("torch.nonzero", "as if every element were nonzero", _all_nonzero),
+    _aten.masked_select.default: ("masked_select", "as if the mask were all true", _all_selected),
+    _aten.index.Tensor: ("indexing by a boolean mask", "as if it were all true", _index_all_true),
+    _aten.bincount.default: (
+        "torch.bincount",
+        "as if every value were below minlength (or distinct)",
+        _bincount_below_minlength,
+    ),
+    _aten._unique2.default: (
+        "torch.unique",
+        "as if every value were distinct",
+        _unique_all_distinct,
+    ),
+    _aten.repeat_interleave.Tensor: (
+        "repeat_interleave by a tensor",
+        "as if every repeat were 1",
+        _repeat_once,
+    ),
 }
 #: Modules whose fused kernels mix gates in ways no equation expresses; their params freeze.
 _FROZEN_MODULES = (nn.RNNBase, nn.RNNCellBase)
@@ -122,10 +193,15 @@ class _Recorder(TorchDispatchMode):
         rule = self.rules.get(func, _MISSING)
         if rule is _MISSING:
             rule = self.rules[func] = rule_for(func)
-        if rule is None or func in _DATA_DEPENDENT:
+        if kwargs is None:
+            kwargs = {}
+        run = func
+        if rule is None or func in _DATA_DEPENDENT or func in _DATA_DEPENDENT_SHAPES:
             # The rare paths, kept off the per-op fast path.
             if func in _DATA_DEPENDENT and args and args[0].is_meta:
                 return self._neutral(func, args[0])
+            if func in _DATA_DEPENDENT_SHAPES and args and args[0].is_meta:
+                run = self._neutral_shape(func, args, kwargs)
             if rule is None:
                 # Composite ops (conv2d under inference_mode) run as their decomposition,
                 # whose ops come back through this mode and have rules.
@@ -139,11 +215,9 @@ class _Recorder(TorchDispatchMode):
                     "axes, or add a rule in depprune/rules"
                 )
                 raise self.error
-        if kwargs is None:
-            kwargs = {}
         in_args = self._wrap(args)
         in_kwargs = dict(zip(kwargs, self._wrap(kwargs.values()), strict=True)) if kwargs else {}
-        out = func(*args, **kwargs)
+        out = run(*args, **kwargs)
         self.num_ops += 1
         if isinstance(out, torch.Tensor):
             # The common case inline: a new tensor gets fresh axes.
@@ -167,6 +241,15 @@ class _Recorder(TorchDispatchMode):
         if note:
             self.notes[note] += 1
         return out
+
+    def _neutral_shape(self, func, args: tuple, kwargs: dict) -> Any:
+        """``func``, or its fullest-case answer on meta when its shape depends on values."""
+        what, answer, fullest = _DATA_DEPENDENT_SHAPES[func]
+        out = fullest(*args, **kwargs)
+        if out is NotImplemented:
+            return func
+        self.notes[f"{what} on a meta tensor was answered {answer}"] += 1
+        return lambda *_args, **_kwargs: out
 
     def _neutral(self, func, tensor: torch.Tensor) -> Any:
         if func is _aten._local_scalar_dense.default:

@@ -86,6 +86,43 @@ def linear(eqs: AxisEquations, call: OpCall) -> None:
         broadcast_into(eqs, out, bias)
 
 
+def grouped_mm(eqs: AxisEquations, call: OpCall) -> None:
+    """``_grouped_mm(a, b, offs)``: one product per group, the way MoE experts run.
+
+    The group axis (experts) and ``offs`` are routing data, so they are frozen,
+    and so is the axis ``offs`` cuts into groups: the rows of a 2-d ``a``
+    (tokens sorted by expert), the columns of a 2-d ``b``, or the contraction
+    when both are 2-d. The other feature axes relate as in ``mm``: for MoE
+    experts, ``x[S, hidden] @ w[E, hidden, out] -> [S, out]``. 3-d x 3-d is a
+    batched product.
+    """
+    a, b, out = call.args[0], call.args[1], call.outputs[0]
+    offs, bias = call.arg("offs"), call.arg("bias")
+    eqs.equal(out[-2], a[-2])
+    eqs.equal(out[-1], b[-1])
+    if len(a) == 3 and len(b) == 3:
+        for o, x, y in zip(out[:-2], a[:-2], b[:-2], strict=True):
+            eqs.equal(o, x)
+            eqs.equal(o, y)
+    else:
+        # The group axis of the 3-d operand (the 2-d x 2-d output's first dim) is frozen, and
+        # so is the axis that offs cuts into groups: rows, columns or the contraction.
+        freeze_axes(eqs, [t[0] for t in (a, b, out) if len(t) == 3])
+        if len(a) == 2 and len(b) == 3:
+            eqs.freeze(a[0])
+        elif len(a) == 3:
+            eqs.freeze(b[-1])
+    if len(a) == 2 and len(b) == 2:
+        freeze_axes(eqs, (a[-1], b[-2]))
+    else:
+        eqs.equal(a[-1], b[-2])
+    if offs is not None:
+        freeze_axes(eqs, offs)
+    if bias is not None:
+        eqs.equal(bias[-1], out[-1])
+        freeze_axes(eqs, bias[:-1])
+
+
 def convolution(eqs: AxisEquations, call: OpCall) -> None:
     """Convolutions of any rank, transposed or not, with any number of groups.
 
@@ -140,6 +177,7 @@ RULES_BY_NAME = {
     "addmv": addmv,
     **dict.fromkeys(("dot", "vdot"), dot),
     "linear": linear,
+    "_grouped_mm": grouped_mm,
     **dict.fromkeys(
         (
             "convolution", "_convolution", "convolution_overrideable", "mkldnn_convolution",
