@@ -136,3 +136,75 @@ def test_groups_carry_kind_and_parameters_per_unit():
         "group 0: 8 units (neurons), 7 parameters each; 0.weight[0], 0.bias[0], 2.weight[1]"
     )
     assert "    0       8  neurons                7  0.weight[0]" in str(graph)
+
+
+def test_norms_without_weights_keep_their_width():
+    for norm in (nn.LayerNorm(8, elementwise_affine=False), nn.GroupNorm(4, 8, affine=False)):
+        torch.manual_seed(0)
+        body = nn.Linear(4, 8) if isinstance(norm, nn.LayerNorm) else nn.Conv2d(4, 8, 1)
+        model = nn.Sequential(body, norm, nn.ReLU())
+        x = torch.randn(2, 4) if isinstance(norm, nn.LayerNorm) else torch.randn(2, 4, 3, 3)
+        graph = depprune.trace(model, x)
+        # The norm's width lives only in its attributes, which no cut could update.
+        assert graph.groups() == ()
+        assert any("without weight or bias" in note for note in graph.notes)
+
+
+def test_tracing_a_training_model_keeps_batchnorm_statistics():
+    model = small_cnn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    depprune.make_plan(model, IMAGE, ratio=0.5)
+    depprune.trace(model, IMAGE)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_the_most_specific_scope_wins_even_inside_a_tuple():
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
+        nn.Linear(8, 2),
+    )
+    plan = depprune.make_plan(
+        model, torch.randn(3, 4), ratios={(model[0], model[1]): 0.25, model[1][0]: 0.75}
+    )
+    kept = {g.first_member: g.kept for g in plan.groups}
+    assert kept == {"0.0.weight[0]": 6, "1.0.weight[0]": 2}
+
+
+class Stack(nn.Module):
+    """Two blocks with the same role: layers.0.fc and layers.1.fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"fc": nn.Linear(4, 8), "out": nn.Linear(8, 4)}) for _ in range(2)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["out"](torch.relu(layer["fc"](x)))
+        return x
+
+
+def test_uniform_refuses_to_override_scoped_ratios():
+    torch.manual_seed(0)
+    model = Stack()
+    x = torch.randn(3, 4)
+    with pytest.raises(SelectionError, match=r"uniform=True needs every layers\.#\.fc\.weight"):
+        depprune.make_plan(model, x, ratios={model.layers[0]: 0.0}, uniform=True)
+    plan = depprune.make_plan(model, x, ratio=0.5, global_ranking=True, uniform=True)
+    assert {g.kept for g in plan.groups} == {4}
+
+
+def test_a_meta_model_can_be_pruned_and_counted():
+    with torch.device("meta"):
+        model = small_cnn()
+    report = depprune.prune(model, IMAGE, ratio=0.5, importance=depprune.importance.random(0))
+    assert model[0].weight.shape == (4, 3, 3, 3) and model[0].weight.is_meta
+    assert report.macs_after < report.macs_before
+
+
+def test_magnitude_needs_a_positive_finite_p():
+    with pytest.raises(depprune.ImportanceError, match="finite p > 0"):
+        depprune.importance.magnitude(float("inf"))

@@ -250,3 +250,44 @@ def test_apply_is_all_or_nothing_when_a_fixer_refuses():
         r"transformer.h.0.attn: c_attn would keep .* prune q, k and v to the same sizes",
         lambda: plan.apply(model),
     )
+
+
+def test_a_failing_assignment_rolls_every_cut_back():
+    class Locked(nn.Linear):
+        @property
+        def out_features(self):  # read-only: the fixer's setattr must fail
+            return self.weight.shape[0]
+
+        @out_features.setter
+        def out_features(self, value):
+            if getattr(self, "_locked", False):
+                raise AttributeError("out_features is locked")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Locked(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    model[2]._locked = True
+    plan = depprune.make_plan(model, torch.randn(3, 4), ratio=0.5)
+    fails_cleanly(
+        model,
+        PlanMismatchError,
+        r"setting Locked.out_features failed \(AttributeError: out_features is locked\); every "
+        "change was undone",
+        lambda: plan.apply(model),
+    )
+
+
+def test_boolean_or_unsorted_kept_indices_are_refused():
+    from depprune.apply import apply_kept_indices
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    for indices, match in [
+        (np.array([True, False, True, True]), "must be a 1-d integer array"),
+        (np.array([2, 0]), "must be sorted and unique"),
+        (np.array([-1, 2]), "keeps index -1 of dim 0"),
+    ]:
+        fails_cleanly(
+            model,
+            PlanMismatchError,
+            match,
+            lambda indices=indices: apply_kept_indices(model, {("0.weight", 0): indices}),
+        )

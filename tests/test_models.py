@@ -318,3 +318,13 @@ def test_uneven_layers_are_refused_before_touching_an_hf_model(tmp_path):
     with pytest.warns(UserWarning, match="layers keep different sizes"):
         depprune.prune(uneven, inputs, kinds=("neurons",), global_ranking=True, uniform=False)
     assert uneven.model.layers[0].mlp.gate_proj.out_features != 32
+
+
+def test_gpt2_neurons_round_trip_through_n_inner(tmp_path, recwarn):
+    model = seeded(HF["GPT2LMHeadModel"])().eval()
+    depprune.prune(model, {"input_ids": TOKENS}, kinds=("neurons",))
+    assert not [w for w in recwarn if "config" in str(w.message)]
+    assert model.config.n_inner == 64  # GPT-2 calls its MLP width n_inner (None: 4 x hidden)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)

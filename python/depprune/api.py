@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from depprune.errors import SelectionError, TraceError
+from depprune.errors import InternalError, SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
 from depprune.kinds import KINDS, group_kinds, params_per_unit
 from depprune.plan import GroupChoice, Plan
-from depprune.selection import Scope, check_ratios, make_uniform, select, uneven_roles
-from depprune.tracer import record, split_inputs
+from depprune.selection import Scope, check_ratios, select, uneven_roles
+from depprune.tracer import model_inputs, record, running_stats_kept
 
 __all__ = ["PruneReport", "make_plan", "prune", "trace"]
 
@@ -46,7 +46,14 @@ def trace(
 
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of
     keyword inputs. The graph's ``unsupported_ops`` lists ATen ops without a
-    rule (their axes were frozen); ``strict=True`` raises instead.
+    rule (their axes were frozen); ``strict=True`` raises instead. Nothing
+    in the model changes (BatchNorm running statistics included).
+
+    >>> import torch, depprune
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    >>> graph = depprune.trace(model, torch.zeros(3, 4))
+    >>> [(g.kind, g.size, g.params_per_unit) for g in graph.groups()]
+    [('neurons', 8, 7)]
     """
     result = record(model, example_inputs, ignored=tuple(ignored), strict=strict)
     graph = result.equations.solve()
@@ -62,10 +69,10 @@ def _count_params(model: nn.Module) -> int:
 
 
 def _count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one forward pass (matmuls and convolutions)."""
-    args, kwargs = split_inputs(example_inputs)
+    """Multiply-accumulates of one forward pass (matmuls and convolutions); works on meta."""
+    args, kwargs = model_inputs(model, example_inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), running_stats_kept(model), counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
 
@@ -102,7 +109,9 @@ class PruneReport:
                 )
         untouched = sum(g.kept == g.size for g in self.plan.groups)
         if untouched:
-            lines.append(f"{untouched} group(s) kept whole (frozen, ignored or ratio 0)")
+            lines.append(
+                f"{untouched} group(s) kept whole (other kinds, ignored, ratio 0 or min_units)"
+            )
         if self.unsupported_ops:
             ops = ", ".join(f"{op} x{n}" for op, n in self.unsupported_ops.items())
             lines.append(f"frozen by ops without a rule: {ops}")
@@ -175,10 +184,9 @@ def make_plan(
         round_to=round_to,
         min_units=min_units,
         global_ranking=global_ranking,
+        uniform=bool(uniform),
     )
-    if uniform:
-        removed = make_uniform(graph, scores, removed, round_to, min_units)
-    elif uniform is None and hasattr(getattr(model, "config", None), "to_dict"):
+    if uniform is None and hasattr(getattr(model, "config", None), "to_dict"):
         uneven = uneven_roles(graph, removed)
         if uneven:
             raise SelectionError(
@@ -208,7 +216,9 @@ def _check_kinds(kinds: Iterable[str] | None) -> frozenset[str]:
         kinds = (kinds,)
     wanted = frozenset(kinds)
     unknown = sorted(wanted - set(KINDS))
-    if unknown or not wanted:
+    if not wanted:
+        raise SelectionError(f"kinds is empty, so nothing would be pruned; choose from {KINDS}")
+    if unknown:
         raise SelectionError(
             f"kinds {sorted(wanted)} holds unknown kinds {unknown}; choose from {', '.join(KINDS)}"
         )
@@ -237,7 +247,18 @@ def prune(
     :func:`make_plan` then ``plan.apply(model)``; the report has parameters
     and MACs (one forward pass each, skipped with ``count_macs=False``)
     before and after, and the units each group kept. It prints as a table.
+
+    >>> import torch, depprune
+    >>> model = torch.nn.Sequential(
+    ...     torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 2, 1))
+    >>> report = depprune.prune(model, torch.randn(1, 3, 8, 8), ratio=0.25)
+    >>> report.plan.groups[0].kept, model[1].num_features
+    (6, 6)
     """
+    ignored = tuple(ignored)
+    # Check cheap arguments before the trace, so mistakes fail fast.
+    check_ratios(model, ratio, ratios, ignored, round_to, min_units)
+    _check_kinds(kinds)
     graph = trace(model, example_inputs, ignored=ignored, strict=strict)
     plan = make_plan(
         model,
@@ -256,11 +277,18 @@ def prune(
     params_before = _count_params(model)
     macs_before = _count_macs(model, example_inputs) if count_macs else 0
     plan.apply(model)
+    try:
+        macs_after = _count_macs(model, example_inputs) if count_macs else 0
+    except Exception as exc:
+        raise InternalError(
+            f"the model was pruned, but its forward pass now fails ({type(exc).__name__}: "
+            f"{exc}); this is a depprune bug, please report it with the model's config"
+        ) from exc
     return PruneReport(
         params_before=params_before,
         params_after=_count_params(model),
         macs_before=macs_before,
-        macs_after=_count_macs(model, example_inputs) if count_macs else 0,
+        macs_after=macs_after,
         plan=plan,
         unsupported_ops=dict(graph.unsupported_ops),
         notes=list(graph.notes),

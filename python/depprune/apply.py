@@ -32,6 +32,7 @@ from depprune.errors import PlanMismatchError
 __all__ = ["PlanMismatchError", "apply_kept_indices", "named_tensors"]
 
 ParamDim = tuple[str, int]
+_ABSENT = object()
 Kept = Mapping[ParamDim, "torch.Tensor | np.ndarray"]
 
 
@@ -58,10 +59,28 @@ def named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
     return found
 
 
-def _index_tensor(indices: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-    if isinstance(indices, np.ndarray):
-        indices = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
-    return indices.to(device=device, dtype=torch.long)
+def _checked_indices(
+    indices: torch.Tensor | np.ndarray, name: str, dim: int, size: int
+) -> np.ndarray:
+    """The kept indices as int64 on the CPU: integers, sorted, unique, inside the dim."""
+    array = (
+        indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+    )
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise PlanMismatchError(
+            f"the kept indices of {name!r} dim {dim} must be a 1-d integer array; got a "
+            f"{array.ndim}-d {array.dtype} array (a boolean mask? pass np.flatnonzero(mask))"
+        )
+    array = array.astype(np.int64, copy=False)
+    bad = array[(array < 0) | (array >= size)]
+    if bad.size:
+        raise PlanMismatchError(
+            f"the plan keeps index {int(bad[0])} of dim {dim} of {name!r}, which has "
+            f"{size}; was the plan made for another model?"
+        )
+    if np.any(np.diff(array) <= 0):
+        raise PlanMismatchError(f"the kept indices of {name!r} dim {dim} must be sorted and unique")
+    return array
 
 
 def _plan_cuts(
@@ -84,20 +103,16 @@ def _plan_cuts(
             raise PlanMismatchError(
                 f"the plan cuts dim {dim} of {name!r}, which has shape {tuple(tensor.shape)}"
             )
-        index = _index_tensor(indices, tensor.device)
         size = tensor.shape[dim]
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-            raise PlanMismatchError(
-                f"the plan keeps index {int(index.max())} of dim {dim} of {name!r}, "
-                f"which has only {size}; was the plan made for another model?"
-            )
-        if index.numel() == size:
-            continue
-        changed.setdefault(name, {})[dim] = index
+        index = torch.from_numpy(_checked_indices(indices, name, dim, size))
         dims = dims_of.setdefault(id(tensor), {})
+        # Tied names must agree, also when one of them keeps everything.
         if dim in dims and not torch.equal(dims[dim], index):
             raise PlanMismatchError(f"tied tensor {name!r} is cut differently under its names")
         dims[dim] = index
+        if index.numel() == size:
+            continue
+        changed.setdefault(name, {})[dim] = index
         originals[id(tensor)] = tensor
     owners: dict[int, list[tuple[nn.Module, str, bool]]] = {key: [] for key in originals}
     for module, attr, is_param in tensors.values():
@@ -108,9 +123,23 @@ def _plan_cuts(
     for key, tensor in originals.items():
         new = tensor.detach()
         for dim, index in sorted(dims_of[key].items()):
-            new = new.index_select(dim, index)
+            if index.numel() < tensor.shape[dim]:
+                new = new.index_select(dim, index.to(tensor.device))
+        if isinstance(tensor, nn.Parameter):
+            # Built here, before the first assignment, with the parameter's own class.
+            new = _like_parameter(tensor, new)
         cuts.append(_Cut(owners=owners[key], old=tensor, new=new))
     return cuts, changed
+
+
+def _like_parameter(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """A parameter of ``old``'s class, ``requires_grad`` and Python attributes over ``data``."""
+    try:
+        new = type(old)(data, requires_grad=old.requires_grad)
+    except TypeError:
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+    new.__dict__.update(old.__dict__)
+    return new
 
 
 def _kept_groups(index: torch.Tensor, group_size: int) -> int:
@@ -183,7 +212,8 @@ def _fix_embedding(m: nn.Module, p: str, v: _View) -> dict:
 
 def _fix_hf_conv1d(m: nn.Module, p: str, v: _View) -> dict:
     # transformers' Conv1D stores its weight as (in, out).
-    return {"nf": v.shape(p + "weight")[1]}
+    weight = v.shape(p + "weight")
+    return {"nf": weight[1], "nx": weight[0]} if hasattr(m, "nx") else {"nf": weight[1]}
 
 
 def _heads_kept(v: _View, name: str, head_dim: int, start: int, stop: int) -> tuple[int, int]:
@@ -457,13 +487,9 @@ def _uniform_config(
         for key, value in attrs.items():
             if key.startswith("config."):
                 values.setdefault(key.removeprefix("config."), set()).add(int(value))
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    names = {id(mod): name for name, mod in model.named_modules()}
-    if isinstance(embeddings, nn.Embedding) and id(embeddings) in names:
-        values["hidden_size"] = {int(view.shape(f"{names[id(embeddings)]}.weight")[1])}
-    elif isinstance(getattr(embeddings, "projection", None), nn.Conv2d):
-        # Vision transformers embed patches with a conv: its channels are the hidden size.
-        values["hidden_size"] = {int(view.shape(f"{names[id(embeddings)]}.projection.weight")[0])}
+    hidden = _hidden_width(model, view)
+    if hidden is not None:
+        values["hidden_size"] = {hidden}
     uneven = {key: sorted(found) for key, found in values.items() if len(found) > 1}
     if uneven:
         if any(attrs.get("config.required") for _, attrs in changes):
@@ -474,21 +500,26 @@ def _uniform_config(
             )
         _config_warning(f"layers keep different sizes {uneven}", "the config is left unchanged")
         return {}
+    required = values.pop("required", None) is not None
+    if getattr(config, "model_type", "") == "gpt2" and "intermediate_size" in values:
+        values["n_inner"] = values.pop("intermediate_size")  # GPT-2 names its MLP width so
     # Keys the config lacks stay out, except head_dim, which models read with getattr.
     new = {
         key: found.pop()
         for key, found in values.items()
-        if key != "required" and (hasattr(config, key) or key == "head_dim")
+        if hasattr(config, key) or key == "head_dim"
     }
-    if getattr(config, "model_type", "") == "gpt2" and "intermediate_size" in new:
-        new["n_inner"] = new.pop("intermediate_size")
     if "head_dim" in new and new["head_dim"] == getattr(config, "head_dim", None):
         del new["head_dim"]
     new = {key: value for key, value in new.items() if getattr(config, key, None) != value}
-    if not new:
-        return new
+    # Rebuilt even when no field changes: a width the config has no field for shows up here.
     shapes, other = _rebuild_mismatch(model, config, new, view, changes)
     if shapes:
+        if required:
+            raise PlanMismatchError(
+                f"{type(model).__name__}'s forward reads its sizes from the config, but a config "
+                f"with {new} builds {shapes}; prune every layer by the same ratio"
+            )
         _config_warning(f"a config with {new} builds {shapes}", "the config is left unchanged")
         return {}
     if other:
@@ -497,6 +528,20 @@ def _uniform_config(
             f"the config gets {new}, so the pruned model loads, but its outputs would differ",
         )
     return new
+
+
+def _hidden_width(model: nn.Module, view: _View) -> int | None:
+    """The hidden size after the cut, read from the input embedding; None if unknown."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    names = {id(mod): name for name, mod in model.named_modules()}
+    if id(embeddings) not in names:
+        return None
+    if isinstance(embeddings, nn.Embedding):
+        return int(view.shape(f"{names[id(embeddings)]}.weight")[1])
+    if isinstance(getattr(embeddings, "projection", None), nn.Conv2d):
+        # Vision transformers embed patches with a conv: its channels are the hidden size.
+        return int(view.shape(f"{names[id(embeddings)]}.projection.weight")[0])
+    return None
 
 
 def _config_warning(why: str, what: str) -> None:
@@ -579,12 +624,12 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
     changes = [(m, {k: v for k, v in a.items() if "." not in k}) for m, a in changes]
     if config_changes:
         changes.append((model.config, config_changes))
-        hidden = config_changes.get("hidden_size")
-        if hidden is not None:
-            # Decoder layers and MLPs keep a copy of the hidden size.
-            for module in model.modules():
-                if isinstance(getattr(module, "hidden_size", None), int):
-                    changes.append((module, {"hidden_size": hidden}))
+    hidden = _hidden_width(model, view) if hasattr(model, "config") else None
+    if hidden is not None:
+        # Decoder layers and MLPs keep a copy of the hidden size, config or not.
+        for module in model.modules():
+            if isinstance(getattr(module, "hidden_size", None), int):
+                changes.append((module, {"hidden_size": hidden}))
     return changes + fallbacks
 
 
@@ -600,13 +645,30 @@ def apply_kept_indices(model: nn.Module, kept: Kept) -> None:
     with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
         attribute_changes = _attribute_changes(model, _View(model, cuts, changed))
-    # Nothing above touched the model; from here on only assignments happen.
-    for cut in cuts:
-        replacement: torch.Tensor = cut.new
-        if isinstance(cut.old, nn.Parameter):
-            replacement = nn.Parameter(cut.new, requires_grad=cut.old.requires_grad)
-        for module, attr, is_param in cut.owners:
-            (module._parameters if is_param else module._buffers)[attr] = replacement
-    for module, attributes in attribute_changes:
-        for attr, value in attributes.items():
-            setattr(module, attr, value)
+    # Nothing above touched the model; from here on only assignments happen, and if
+    # one fails (a read-only attribute, a config validator) every earlier one is undone.
+    undo: list[tuple[object, str, object, bool]] = []
+    where = ""
+    try:
+        for cut in cuts:
+            for module, attr, is_param in cut.owners:
+                slots = module._parameters if is_param else module._buffers
+                undo.append((slots, attr, slots[attr], True))
+                slots[attr] = cut.new
+        for module, attributes in attribute_changes:
+            for attr, value in attributes.items():
+                where, old = f"{type(module).__name__}.{attr}", getattr(module, attr, _ABSENT)
+                setattr(module, attr, value)
+                undo.append((module, attr, old, False))
+    except Exception as exc:
+        for target, attr, old, is_slot in reversed(undo):
+            if is_slot:
+                target[attr] = old  # type: ignore[index]
+            elif old is _ABSENT:
+                delattr(target, attr)  # a field the plan added (a config's head_dim)
+            else:
+                setattr(target, attr, old)
+        raise PlanMismatchError(
+            f"setting {where} failed ({type(exc).__name__}: {exc}); every change was undone, "
+            "so the model is as it was"
+        ) from exc

@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from depprune.api import PruneReport, prune, trace
+from depprune.api import PruneReport, make_plan, prune, trace
 
 __all__ = ["main"]
 
@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> PruneReport:
     graph = trace(model, inputs)
     say(f"traced and grouped in {time.perf_counter() - start:.2f} s: {graph!r}")
     start = time.perf_counter()
+    plan = make_plan(model, graph=graph, ratio=args.ratio, kinds=kinds)
+    say(f"planned in {time.perf_counter() - start:.2f} s (score, select): {plan!r}")
+    # prune() reuses nothing from above; it traces again and counts MACs before and after.
     report = prune(model, inputs, ratio=args.ratio, kinds=kinds)
-    say(f"pruned in {time.perf_counter() - start:.2f} s (trace, score, select, apply)\n")
     say(report)
 
     logits = _logits(model, inputs)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> PruneReport:
             reloaded = type(model).from_pretrained(folder).eval()
         same = torch.allclose(_logits(reloaded, inputs), logits, atol=1e-5)
         say(f"save_pretrained + from_pretrained: {'same logits' if same else 'LOGITS DIFFER'}")
+        if not same:
+            raise SystemExit(1)
     return report
 
 

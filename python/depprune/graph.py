@@ -192,8 +192,10 @@ class DependencyGraph:
                     "np.flatnonzero(mask))"
                 )
             if units.size and (units.min() < 0 or units.max() >= g.size):
+                bad = units[(units < 0) | (units >= g.size)]
                 raise InvalidPlanError(
-                    f"group {g.index} has units 0..{g.size - 1}; got units {units.tolist()}"
+                    f"group {g.index} has units 0..{g.size - 1}; got unit {int(bad[0])}"
+                    + (f" and {bad.size - 1} more out of range" if bad.size > 1 else "")
                 )
             keep[g.unit_offset + units.astype(np.int64)] = 0
         return keep
@@ -221,7 +223,8 @@ class DependencyGraph:
         except KeyError:
             raise InvalidPlanError(
                 f"{name}[{dim}] is not a parameter dim of this graph; "
-                f"known parameters: {', '.join(self.param_names[:5])}..."
+                f"known parameters: {', '.join(self.param_names[:5])}"
+                f"{' ...' if len(self.param_names) > 5 else ''}"
             ) from None
 
     def describe(self, name: str, dim: int) -> str:

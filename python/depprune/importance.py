@@ -18,6 +18,7 @@ one ``scatter_add`` per member, never a Python loop over channels. Buffers
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from depprune.apply import named_tensors
 from depprune.errors import ImportanceError
 from depprune.graph import DependencyGraph, Group
 from depprune.tracer import split_inputs
@@ -55,14 +57,10 @@ class ScoreContext:
 
     @classmethod
     def from_model(cls, graph: DependencyGraph, model: nn.Module) -> ScoreContext:
-        tensors: dict[str, torch.Tensor] = {}
-        owners: dict[str, nn.Module] = {}
-        for module_name, module in model.named_modules(remove_duplicate=False):
-            prefix = f"{module_name}." if module_name else ""
-            for attr, value in [*module._parameters.items(), *module._buffers.items()]:
-                if value is not None:
-                    tensors[prefix + attr] = value
-                    owners[prefix + attr] = module
+        """Every parameter and buffer of ``model`` by name (tied ones under each name)."""
+        named = named_tensors(model)
+        tensors = {name: getattr(module, attr) for name, (module, attr, _) in named.items()}
+        owners = {name: module for name, (module, _, _) in named.items()}
         return cls(graph, tensors, owners)
 
 
@@ -78,7 +76,12 @@ def _scatter_members(
     scores: torch.Tensor | None = None
     seen: set[tuple[int, int]] = set()
     for (name, dim), unit_map in ctx.graph.unit_maps(group).items():
-        tensor = ctx.tensors[name]
+        tensor = ctx.tensors.get(name)
+        if tensor is None:
+            raise ImportanceError(
+                f"the graph names {name!r}, which the model does not have; score a model "
+                "with the graph traced from it"
+            )
         # A tied tensor listed under two names counts once.
         if (id(tensor), dim) in seen:
             continue
@@ -86,11 +89,13 @@ def _scatter_members(
         values = per_index(name, tensor, dim)
         if values is None:
             continue
-        units = torch.from_numpy(unit_map).to(values.device)
-        on_group = units >= 0
         if scores is None:
             scores = torch.zeros(group.size, dtype=torch.float32, device=values.device)
-        scores.scatter_add_(0, units[on_group], values.float().to(scores.device)[on_group])
+        # One device for all members, also when the model is split across GPUs.
+        values = values.float().to(scores.device)
+        units = torch.from_numpy(unit_map).to(scores.device)
+        on_group = units >= 0
+        scores.scatter_add_(0, units[on_group], values[on_group])
     if scores is None:
         raise ImportanceError(
             f"group {group.index} has no member this importance can score; "
@@ -109,6 +114,9 @@ def magnitude(p: float = 2) -> Importance:
     >>> magnitude(1).__name__
     'l1_magnitude'
     """
+
+    if not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ImportanceError(f"magnitude needs a finite p > 0 (1: L1, 2: L2); got {p!r}")
 
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         def per_index(name: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
@@ -148,7 +156,7 @@ def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
             raise ImportanceError(
                 f"{name} has no gradient; call loss.backward() before scoring with taylor"
             )
-        return _reduce_other_dims((tensor.detach() * tensor.grad).float(), dim)
+        return _reduce_other_dims(tensor.detach().float() * tensor.grad.float(), dim)
 
     return _scatter_members(group, ctx, per_index).abs()
 
@@ -229,12 +237,21 @@ def _input_square_sums(
     sums: dict[str, torch.Tensor] = {}
     input_dims: dict[str, int] = {}
     hooks = []
-    for module_name, module in model.named_modules():
+    aliases: dict[str, list[str]] = {}
+    first_name: dict[int, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         is_conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
         if not isinstance(module, nn.Linear) and not is_conv1d:
             continue
-        key = f"{module_name}.weight" if module_name else "weight"
-        input_dims[key] = 0 if is_conv1d else 1
+        name = f"{module_name}.weight" if module_name else "weight"
+        input_dims[name] = 0 if is_conv1d else 1
+        # A module reachable under several names is hooked once, scored under every name.
+        if id(module) in first_name:
+            aliases[first_name[id(module)]].append(name)
+            continue
+        first_name[id(module)] = name
+        aliases[name] = []
+        key = name
 
         def hook(_module, inputs, _output, key=key) -> None:
             x = inputs[0].detach()
@@ -255,6 +272,10 @@ def _input_square_sums(
     finally:
         for handle in hooks:
             handle.remove()
+    for name, others in aliases.items():
+        for other in others:
+            if name in sums:
+                sums[other] = sums[name]
     return sums, input_dims, batches * bool(hooks)
 
 

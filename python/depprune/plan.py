@@ -180,7 +180,7 @@ class Plan:
             ) from exc
         try:
             return cls._from_meta(meta, offsets, indices)
-        except (TypeError, ValueError, KeyError, IndexError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
             if isinstance(exc, InvalidPlanError):
                 raise
             raise InvalidPlanError(

@@ -34,7 +34,6 @@ __all__ = [
     "check_ratios",
     "layer_role",
     "lowest",
-    "make_uniform",
     "select",
     "uneven_roles",
     "units_to_keep",
@@ -135,11 +134,22 @@ def select(
     round_to: int | None = None,
     min_units: int = 1,
     global_ranking: bool = False,
+    uniform: bool = False,
 ) -> dict[int, np.ndarray]:
     """Units to remove from each scored group: ``{group index: sorted unit ids}``.
 
     Groups without scores, and groups with a member inside an ``ignored``
-    module, are kept whole.
+    module, are kept whole. ``uniform=True`` removes the same number of
+    units from every group of a :func:`layer_role` (the mean of what the
+    ranking chose, each group still dropping its own weakest units); a role
+    whose groups fall under different ratios or are partly ignored raises.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> from depprune import trace
+    >>> graph = trace(model, torch.zeros(1, 2))
+    >>> select(graph, {0: torch.tensor([0.4, 0.1, 0.3, 0.2])}, model, ratio=0.5)
+    {0: array([1, 3])}
     """
     scopes = check_ratios(model, ratio, ratios, ignored, round_to, min_units)
     names = _module_names(model)
@@ -152,12 +162,7 @@ def select(
             continue
         if ignored_prefixes and any(_inside(n, ignored_prefixes) for n, _ in group.members):
             continue
-        producer = group.members[0][0]
-        which = next(
-            (i for i, (prefixes, _) in enumerate(scopes) if _inside(producer, prefixes)),
-            len(scopes),
-        )
-        by_scope.setdefault(which, []).append(group)
+        by_scope.setdefault(_scope_of(group, scopes), []).append(group)
 
     removed: dict[int, np.ndarray] = {}
     for which, groups in by_scope.items():
@@ -168,7 +173,52 @@ def select(
             for g in groups:
                 keep = units_to_keep(g.size, r, round_to, min_units)
                 removed[g.index] = lowest(scores[g.index], g.size - keep)
+    if uniform:
+        removed = _make_uniform(by_scope, scores, removed, round_to, min_units, graph)
     return {g: units for g, units in removed.items() if units.size}
+
+
+def _scope_of(group: Group, scopes: list[tuple[tuple[str, ...], float]]) -> int:
+    """The scope whose matching module is the most specific; len(scopes) for the default."""
+    producer = group.members[0][0]
+    best, best_length = len(scopes), -1
+    for i, (prefixes, _) in enumerate(scopes):
+        for prefix in prefixes:
+            if producer.startswith(prefix) and len(prefix) > best_length:
+                best, best_length = i, len(prefix)
+    return best
+
+
+def _make_uniform(
+    by_scope: Mapping[int, list[Group]],
+    scores: Mapping[int, torch.Tensor],
+    removed: Mapping[int, np.ndarray],
+    round_to: int | None,
+    min_units: int,
+    graph: DependencyGraph,
+) -> dict[int, np.ndarray]:
+    """The same number of units removed from every group of a role: the floored mean."""
+    scope_of = {g.index: which for which, groups in by_scope.items() for g in groups}
+    by_role: dict[tuple, list[Group]] = {}
+    for g in graph.groups:
+        by_role.setdefault(layer_role(g), []).append(g)
+    result = dict(removed)
+    for role, groups in by_role.items():
+        chosen = [g for g in groups if g.index in scope_of]
+        if not chosen:
+            continue
+        if len(chosen) < len(groups) or len({scope_of[g.index] for g in chosen}) > 1:
+            raise SelectionError(
+                f"uniform=True needs every {role[0]}[{role[1]}] group to be pruned alike, but "
+                "some are ignored, not scored or under another ratio; drop those ratios or "
+                "ignored modules, or pass uniform=False"
+            )
+        count = sum(len(removed.get(g.index, ())) for g in chosen) / len(chosen)
+        size = chosen[0].size  # one role, one size
+        keep = units_to_keep(size, count / size, round_to, min_units)
+        for g in chosen:
+            result[g.index] = lowest(scores[g.index], size - keep)
+    return result
 
 
 def _select_global(
@@ -219,29 +269,3 @@ def uneven_roles(graph: DependencyGraph, removed: Mapping[int, np.ndarray]) -> l
         for role, counts in kept.items()
         if len(counts) > 1
     ]
-
-
-def make_uniform(
-    graph: DependencyGraph,
-    scores: Mapping[int, torch.Tensor],
-    removed: Mapping[int, np.ndarray],
-    round_to: int | None = None,
-    min_units: int = 1,
-) -> dict[int, np.ndarray]:
-    """The same number of units removed from every scored group of a role (the rounded mean).
-
-    Each group still removes its own lowest-scored units, so a global
-    ranking's budget is kept on average while every layer keeps one size.
-    """
-    by_role: dict[tuple, list[Group]] = {}
-    for g in graph.groups:
-        if g.index in scores:
-            by_role.setdefault(layer_role(g), []).append(g)
-    result = dict(removed)
-    for groups in by_role.values():
-        count = sum(len(removed.get(g.index, ())) for g in groups) / len(groups)
-        size = groups[0].size  # one role, one size
-        keep = units_to_keep(size, count / size, round_to, min_units)
-        for g in groups:
-            result[g.index] = lowest(scores[g.index], size - keep)
-    return {g: units for g, units in result.items() if units.size}

@@ -19,7 +19,8 @@ every expert's code runs; the trace's notes say so.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from depprune.errors import DeppruneError, TraceError, UnsupportedOpError
 from depprune.rules import rule_for
 from depprune.rules.common import Axes, OpCall, freeze_all
 
-__all__ = ["TraceResult", "record", "split_inputs"]
+__all__ = ["TraceResult", "model_inputs", "record", "running_stats_kept", "split_inputs"]
 
 
 @dataclass
@@ -276,6 +277,32 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
+def model_inputs(model: Any, example_inputs: Any) -> tuple[tuple, dict]:
+    """Positional and keyword inputs for ``model``, moved to meta if its weights are there."""
+    args, kwargs = split_inputs(example_inputs)
+    if isinstance(model, nn.Module) and _on_meta(model):
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+    return args, kwargs
+
+
+@contextmanager
+def running_stats_kept(model: Any) -> Iterator[None]:
+    """Run a forward pass in training mode without moving BatchNorm running statistics."""
+    norms = [
+        m
+        for m in (model.modules() if isinstance(model, nn.Module) else ())
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+    saved = [(m, {k: b.clone() for k, b in m._buffers.items() if b is not None}) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in saved:
+                for key, value in buffers.items():
+                    module._buffers[key].copy_(value)
+
+
 def _on_meta(model: nn.Module) -> bool:
     first = next(iter(model.parameters()), None)
     if first is None:
@@ -326,9 +353,7 @@ def record(
                 f"ignored must hold nn.Module objects (submodules of the model); "
                 f"got {type(module).__name__}"
             )
-    args, kwargs = split_inputs(example_inputs)
-    if isinstance(model, nn.Module) and _on_meta(model):
-        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+    args, kwargs = model_inputs(model, example_inputs)
 
     equations = AxisEquations()
     recorder = _Recorder(equations, strict)
@@ -339,7 +364,7 @@ def record(
 
     model_name = type(model).__name__
     try:
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), running_stats_kept(model), recorder:
             output = model(*args, **kwargs)
     except DeppruneError:
         raise

@@ -38,29 +38,35 @@ def batch_norm(eqs: AxisEquations, call: OpCall) -> None:
     equal_dims(eqs, call.outputs[0], x)
 
 
-def layer_norm(eqs: AxisEquations, call: OpCall) -> None:
+def layer_norm(eqs: AxisEquations, call: OpCall) -> str | None:
     """layer and RMS norms: parameters along the normalised trailing dims."""
     x = call.args[0]
     normalized = len(call.arg("normalized_shape"))
     lead = len(x) - normalized
-    for name in ("weight", "bias"):
-        parameter = call.arg(name)
+    parameters = [call.arg(name) for name in ("weight", "bias")]
+    for parameter in parameters:
         if parameter is not None:
             equal_dims(eqs, parameter, x[lead:])
     equal_dims(eqs, call.outputs[0], x)
     for statistic in call.outputs[1:]:
         if statistic is not None:
             equal_dims(eqs, statistic[:lead], x[:lead])
+    if all(p is None for p in parameters):
+        # No parameter records the width (LayerNorm(elementwise_affine=False)): the
+        # module's normalized_shape could not follow a cut, so the width is fixed.
+        freeze_axes(eqs, x[lead:])
+        return "a layer norm without weight or bias keeps its normalised dims whole"
+    return None
 
 
-def group_norm(eqs: AxisEquations, call: OpCall) -> None:
+def group_norm(eqs: AxisEquations, call: OpCall) -> str | None:
     """Channels are ``product(groups, channels per group)``; parameters along channels."""
     x, out = call.args[0], call.outputs[0]
     groups = call.arg("group")
     channels = x[1]
     equal_dims(eqs, out, x)
-    for name in ("weight", "bias"):
-        parameter = call.arg(name)
+    parameters = [call.arg(name) for name in ("weight", "bias")]
+    for parameter in parameters:
         if parameter is not None:
             eqs.equal(parameter[0], channels)
     per_group = eqs.axis_sizes[channels] // groups
@@ -73,6 +79,11 @@ def group_norm(eqs: AxisEquations, call: OpCall) -> None:
             eqs.equal(statistic[0], x[0])
             if groups > 1:
                 eqs.equal(statistic[1], group_axis)
+    if all(p is None for p in parameters):
+        # GroupNorm(affine=False): num_groups/num_channels could not follow a cut.
+        eqs.freeze(channels)
+        return "a group norm without weight or bias keeps its channels whole"
+    return None
 
 
 def prelu(eqs: AxisEquations, call: OpCall) -> None:
