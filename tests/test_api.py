@@ -208,3 +208,12 @@ def test_a_meta_model_can_be_pruned_and_counted():
 def test_magnitude_needs_a_positive_finite_p():
     with pytest.raises(depprune.ImportanceError, match="finite p > 0"):
         depprune.importance.magnitude(float("inf"))
+
+
+def test_low_memory_apply_gives_the_same_model():
+    model, twin = small_cnn(), small_cnn()
+    plan = depprune.make_plan(model, IMAGE, ratio=0.5)
+    plan.apply(model)
+    plan.apply(twin, low_memory=True)
+    assert_same_outputs(outputs(model, IMAGE), outputs(twin, IMAGE), atol=0)
+    assert [p.shape for p in model.parameters()] == [p.shape for p in twin.parameters()]

@@ -240,13 +240,15 @@ def prune(
     uniform: bool | None = None,
     strict: bool = False,
     count_macs: bool = True,
+    low_memory: bool = False,
     progress: bool | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and return a report; on any error it is left as it was.
 
-    :func:`make_plan` then ``plan.apply(model)``; the report has parameters
-    and MACs (one forward pass each, skipped with ``count_macs=False``)
-    before and after, and the units each group kept. It prints as a table.
+    :func:`make_plan` then ``plan.apply(model, low_memory=low_memory)``; the
+    report has parameters and MACs (one forward pass each, skipped with
+    ``count_macs=False``) before and after, and the units each group kept.
+    It prints as a table.
 
     >>> import torch, depprune
     >>> model = torch.nn.Sequential(
@@ -276,7 +278,7 @@ def prune(
     )
     params_before = _count_params(model)
     macs_before = _count_macs(model, example_inputs) if count_macs else 0
-    plan.apply(model)
+    plan.apply(model, low_memory=low_memory)
     try:
         macs_after = _count_macs(model, example_inputs) if count_macs else 0
     except Exception as exc:

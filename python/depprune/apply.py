@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from depprune.errors import PlanMismatchError
+from depprune.errors import PlanMismatchError, ResourceError
 
 __all__ = ["PlanMismatchError", "apply_kept_indices", "named_tensors"]
 
@@ -38,11 +38,36 @@ Kept = Mapping[ParamDim, "torch.Tensor | np.ndarray"]
 
 @dataclass
 class _Cut:
-    """One tensor's replacement: where it lives and what replaces it."""
+    """One tensor's cut: where it lives, the kept indices per dim, and its new shape."""
 
     owners: list[tuple[nn.Module, str, bool]]  # (module, attribute, is_parameter)
-    old: torch.Tensor
-    new: torch.Tensor
+    key: int  # id() of the tensor before the cut
+    dims: dict[int, torch.Tensor]
+    shape: torch.Size
+    new: torch.Tensor | None = None
+
+    def current(self) -> torch.Tensor:
+        module, attr, is_param = self.owners[0]
+        return (module._parameters if is_param else module._buffers)[attr]
+
+    def build(self) -> torch.Tensor:
+        """The cut tensor, on the old one's device and dtype (and class, for parameters)."""
+        old = self.current()
+        new = old.detach()
+        # Dim 0 first: whole rows are contiguous copies, and later gathers get smaller.
+        for dim, index in sorted(self.dims.items()):
+            if index.numel() < old.shape[dim]:
+                new = new.index_select(dim, index.to(old.device))
+        if isinstance(old, nn.Parameter):
+            new = _like_parameter(old, new)
+        return new
+
+    def assign(self, new: torch.Tensor, undo: list | None) -> None:
+        for module, attr, is_param in self.owners:
+            slots = module._parameters if is_param else module._buffers
+            if undo is not None:
+                undo.append((slots, attr, slots[attr], True))
+            slots[attr] = new
 
 
 def named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
@@ -121,14 +146,10 @@ def _plan_cuts(
             owners[key].append((module, attr, is_param))
     cuts = []
     for key, tensor in originals.items():
-        new = tensor.detach()
-        for dim, index in sorted(dims_of[key].items()):
-            if index.numel() < tensor.shape[dim]:
-                new = new.index_select(dim, index.to(tensor.device))
-        if isinstance(tensor, nn.Parameter):
-            # Built here, before the first assignment, with the parameter's own class.
-            new = _like_parameter(tensor, new)
-        cuts.append(_Cut(owners=owners[key], old=tensor, new=new))
+        shape = list(tensor.shape)
+        for dim, index in dims_of[key].items():
+            shape[dim] = index.numel()
+        cuts.append(_Cut(owners[key], key, dims_of[key], torch.Size(shape)))
     return cuts, changed
 
 
@@ -152,7 +173,7 @@ class _View:
 
     def __init__(self, model: nn.Module, cuts: list[_Cut], changed: Mapping) -> None:
         self._tensors = {n: getattr(m, a) for n, (m, a, _) in named_tensors(model).items()}
-        self._new_shape = {id(c.old): c.new.shape for c in cuts}
+        self._new_shape = {c.key: c.shape for c in cuts}
         self.changed = changed
         self.tensors = self._tensors
 
@@ -633,42 +654,72 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
     return changes + fallbacks
 
 
-def apply_kept_indices(model: nn.Module, kept: Kept) -> None:
+def apply_kept_indices(model: nn.Module, kept: Kept, *, low_memory: bool = False) -> None:
     """Cut every (parameter or buffer, dim) of ``model`` down to its kept indices.
 
     ``kept`` maps ``(name, dim)`` to the indices to keep along that dim (as
-    from :meth:`depprune.DependencyGraph.kept_indices`). Raises
-    :class:`PlanMismatchError` before changing anything if the plan does not
-    fit the model.
+    from :meth:`depprune.DependencyGraph.kept_indices`). The whole plan and
+    every attribute change is checked first: :class:`PlanMismatchError`
+    before anything changes.
+
+    By default every cut tensor is built before the first is swapped in, so
+    any failure leaves the model as it was, at the cost of holding the old
+    and new tensors at once. ``low_memory=True`` builds and swaps one tensor
+    at a time, so the old one is freed at once (peak: the model plus its
+    largest cut tensor); only running out of memory midway can then leave
+    some tensors cut, and it is raised as :class:`ResourceError` naming them.
     """
     # Outside inference mode, so the new parameters can still be trained.
     with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
         attribute_changes = _attribute_changes(model, _View(model, cuts, changed))
+        if not low_memory:
+            for cut in cuts:
+                cut.new = cut.build()
     # Nothing above touched the model; from here on only assignments happen, and if
     # one fails (a read-only attribute, a config validator) every earlier one is undone.
     undo: list[tuple[object, str, object, bool]] = []
     where = ""
     try:
-        for cut in cuts:
-            for module, attr, is_param in cut.owners:
-                slots = module._parameters if is_param else module._buffers
-                undo.append((slots, attr, slots[attr], True))
-                slots[attr] = cut.new
         for module, attributes in attribute_changes:
             for attr, value in attributes.items():
                 where, old = f"{type(module).__name__}.{attr}", getattr(module, attr, _ABSENT)
                 setattr(module, attr, value)
                 undo.append((module, attr, old, False))
+        if not low_memory:
+            for cut in cuts:
+                cut.assign(cut.new, undo)
     except Exception as exc:
-        for target, attr, old, is_slot in reversed(undo):
-            if is_slot:
-                target[attr] = old  # type: ignore[index]
-            elif old is _ABSENT:
-                delattr(target, attr)  # a field the plan added (a config's head_dim)
-            else:
-                setattr(target, attr, old)
+        _undo(undo)
         raise PlanMismatchError(
             f"setting {where} failed ({type(exc).__name__}: {exc}); every change was undone, "
             "so the model is as it was"
         ) from exc
+    if low_memory:
+        _swap_one_by_one(cuts)
+
+
+def _undo(undo: list[tuple[object, str, object, bool]]) -> None:
+    for target, attr, old, is_slot in reversed(undo):
+        if is_slot:
+            target[attr] = old  # type: ignore[index]
+        elif old is _ABSENT:
+            delattr(target, attr)  # a field the plan added (a config's head_dim)
+        else:
+            setattr(target, attr, old)
+
+
+def _swap_one_by_one(cuts: list[_Cut]) -> None:
+    done = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for cut in cuts:
+            try:
+                new = cut.build()
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise ResourceError(
+                    f"out of memory while cutting {cut.owners[0][1]!r} of "
+                    f"{type(cut.owners[0][0]).__name__} after {done} of {len(cuts)} tensors; "
+                    "the model is partly cut: reload it, free memory and apply again"
+                ) from exc
+            cut.assign(new, None)
+            done += 1

@@ -51,20 +51,27 @@ class AxisEquations:
         self.row_dims: list[int] = []
         self.row_axes: list[int] = []
 
+    # The tracer calls these a few times per ATen op: plain appends, no conversions
+    # (ids and sizes are ints; the core checks everything when the set is solved).
     def axis(self, size: int) -> int:
         """Create a new axis of ``size`` elements and return its id."""
-        self.axis_sizes.append(int(size))
-        return len(self.axis_sizes) - 1
+        sizes = self.axis_sizes
+        sizes.append(size)
+        return len(sizes) - 1
 
     def _equation(self, kind: int, left: int, rights: Iterable[int]) -> None:
         self.kinds.append(kind)
-        self.lefts.append(int(left))
-        self.rights.extend(int(r) for r in rights)
+        self.lefts.append(left)
+        self.rights.extend(rights)
         self.right_offsets.append(len(self.rights))
 
     def equal(self, left: int, right: int) -> None:
         """``left`` and ``right`` are the same elements in the same order."""
-        self._equation(EQUAL, left, (right,))
+        self.kinds.append(EQUAL)
+        self.lefts.append(left)
+        rights = self.rights
+        rights.append(right)
+        self.right_offsets.append(len(rights))
 
     def sum(self, left: int, parts: Sequence[int]) -> None:
         """``left`` is the concatenation of ``parts`` (cat, split, slice pieces)."""

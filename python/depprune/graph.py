@@ -109,6 +109,7 @@ class DependencyGraph:
 
     def __init__(self, analysis: _core.Analysis, equations: AxisEquations) -> None:
         self._analysis = analysis
+        self._unit_maps: dict[int, dict[ParamDim, np.ndarray]] = {}
         self.param_names: tuple[str, ...] = tuple(equations.param_names)
         self._row_keys: list[ParamDim] = [
             (self.param_names[p], d)
@@ -172,8 +173,14 @@ class DependencyGraph:
     def unit_maps(self, group: int | Group) -> dict[ParamDim, np.ndarray]:
         """For each member of ``group``: the unit of every index along its dim, or -1."""
         g = self._group(group)
-        offsets, values = self._analysis.unit_maps(np.asarray([g.index], dtype=np.int64))
-        return {member: values[offsets[k] : offsets[k + 1]] for k, member in enumerate(g.members)}
+        cached = self._unit_maps.get(g.index)
+        if cached is None:
+            # Kinds, parameter counts and scores all read them: one core call per group.
+            offsets, values = self._analysis.unit_maps(np.asarray([g.index], dtype=np.int64))
+            values.flags.writeable = False
+            cached = {m: values[offsets[k] : offsets[k + 1]] for k, m in enumerate(g.members)}
+            self._unit_maps[g.index] = cached
+        return dict(cached)
 
     def keep_mask(self, removed: Mapping[int | Group, Sequence[int] | np.ndarray]) -> np.ndarray:
         """A keep mask (uint8, one entry per unit) that removes the listed units.

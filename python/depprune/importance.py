@@ -19,7 +19,7 @@ one ``scatter_add`` per member, never a Python loop over channels. Buffers
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,23 @@ class ScoreContext:
     tensors: Mapping[str, torch.Tensor]
     #: The module owning each tensor name (for criteria that need the type).
     owners: Mapping[str, nn.Module] = field(default_factory=dict)
+
+    #: Per-dim sums of transformed tensors, computed once per (criterion, tensor).
+    _sums: dict[tuple[Hashable, int], list[torch.Tensor]] = field(default_factory=dict)
+
+    def dim_sums(
+        self, key: Hashable, tensor: torch.Tensor, dim: int, transform: Transform
+    ) -> torch.Tensor:
+        """``transform(tensor)`` summed over every dim but ``dim``, one value per index.
+
+        The tensor is read once for all its dims, in float32 chunks of rows, so
+        a weight that belongs to several groups costs one pass and no full
+        float32 copy; ``key`` names the transform for the cache.
+        """
+        cached = self._sums.get((key, id(tensor)))
+        if cached is None:
+            cached = self._sums[(key, id(tensor))] = _all_dim_sums(tensor.detach(), transform)
+        return cached[dim]
 
     @classmethod
     def from_model(cls, graph: DependencyGraph, model: nn.Module) -> ScoreContext:
@@ -104,8 +121,29 @@ def _scatter_members(
     return scores
 
 
-def _reduce_other_dims(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    return tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1).sum(dim=1)
+#: Elements converted to float32 at a time while scoring (64 MB).
+_CHUNK_ELEMENTS = 1 << 24
+
+#: A transform gets a float32 copy of rows ``rows`` of a tensor (its own, free to
+#: change in place) and returns the values to sum.
+Transform = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+def _all_dim_sums(tensor: torch.Tensor, transform: Transform) -> list[torch.Tensor]:
+    """For every dim d: ``transform(tensor)`` summed over all dims but d."""
+    if tensor.dim() == 0:
+        return []
+    rows = tensor.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, tensor[0].numel()))
+    sums = [torch.zeros(size, dtype=torch.float32, device=tensor.device) for size in tensor.shape]
+    for start in range(0, rows, step):
+        part = slice(start, min(rows, start + step))
+        values = transform(tensor[part].to(torch.float32, copy=True), part)
+        sums[0][part] = values.reshape(values.shape[0], -1).sum(dim=1)
+        for dim in range(1, tensor.dim()):
+            others = [d for d in range(tensor.dim()) if d != dim]
+            sums[dim] += values.sum(dim=others)
+    return sums
 
 
 def magnitude(p: float = 2) -> Importance:
@@ -118,11 +156,14 @@ def magnitude(p: float = 2) -> Importance:
     if not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
         raise ImportanceError(f"magnitude needs a finite p > 0 (1: L1, 2: L2); got {p!r}")
 
+    def power(rows: torch.Tensor, _: slice) -> torch.Tensor:
+        return rows.abs_().pow_(p)
+
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         def per_index(name: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
             if not isinstance(tensor, nn.Parameter):
                 return None
-            return _reduce_other_dims(tensor.detach().abs().float().pow(p), dim)
+            return ctx.dim_sums(("magnitude", p), tensor, dim, power)
 
         total = _scatter_members(group, ctx, per_index)
         return total.pow(1.0 / p)
@@ -156,7 +197,12 @@ def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
             raise ImportanceError(
                 f"{name} has no gradient; call loss.backward() before scoring with taylor"
             )
-        return _reduce_other_dims(tensor.detach().float() * tensor.grad.float(), dim)
+        grad = tensor.grad
+
+        def times_grad(rows: torch.Tensor, part: slice) -> torch.Tensor:
+            return rows.mul_(grad[part].float())
+
+        return ctx.dim_sums("taylor", tensor, dim, times_grad)
 
     return _scatter_members(group, ctx, per_index).abs()
 
@@ -211,11 +257,14 @@ def wanda(
             norm = norms.get(name)
             if norm is None:
                 return None
-            weighted = tensor.detach().abs().float()
-            # nn.Linear holds (out, in); Conv1D holds (in, out).
-            norm = norm.to(weighted.device)
-            weighted = weighted * (norm[None, :] if input_dims[name] == 1 else norm[:, None])
-            return _reduce_other_dims(weighted, dim)
+            norm = norm.to(tensor.device)
+
+            def weighted(rows: torch.Tensor, part: slice) -> torch.Tensor:
+                # nn.Linear holds (out, in); Conv1D holds (in, out).
+                scale = norm[None, :] if input_dims[name] == 1 else norm[part, None]
+                return rows.abs_().mul_(scale)
+
+            return ctx.dim_sums(("wanda", name), tensor, dim, weighted)
 
         try:
             return _scatter_members(group, ctx, per_index)

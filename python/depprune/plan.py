@@ -123,11 +123,13 @@ class Plan:
             total += math.prod(kept_sizes.get((name, d), s) for d, s in enumerate(tensor.shape))
         return total
 
-    def apply(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module, *, low_memory: bool = False) -> None:
         """Cut ``model`` in place; on any error it is left exactly as it was.
 
         Raises :class:`PlanMismatchError` if the model's tensors do not have
-        the shapes the plan was made for.
+        the shapes the plan was made for. ``low_memory=True`` swaps one tensor
+        at a time (peak: the model plus its largest cut tensor instead of the
+        model plus every cut tensor); see :func:`depprune.apply.apply_kept_indices`.
         """
         tensors = named_tensors(model)
         for name, shape in self.shapes.items():
@@ -143,7 +145,7 @@ class Plan:
                     f"the plan was made for {name!r} of shape {shape}, but the model's has "
                     f"shape {actual}; was it already pruned, or is it another configuration?"
                 )
-        apply_kept_indices(model, self.kept)
+        apply_kept_indices(model, self.kept, low_memory=low_memory)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan to one ``.npz`` file (indices as int64 arrays, the rest as JSON)."""
