@@ -8,24 +8,16 @@ import numpy as np
 import pytest
 import torch
 from pruning_oracle import assert_same_outputs, outputs
+from tiny_models import TINY_DECODER, tokens
 
 import depprune
 from depprune.importance import random
 
 transformers = pytest.importorskip("transformers")
 
-TOKENS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+TOKENS = tokens(seed=3)
 # 4 query heads in 2 KV groups of 2, head_dim 8, 2 layers.
-SHAPE = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    head_dim=8,
-)
+SHAPE = dict(TINY_DECODER, head_dim=8)
 FAMILIES = {
     "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, {}),
     "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config, {}),

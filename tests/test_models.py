@@ -17,6 +17,7 @@ from pruning_oracle import (
     predicted_param_count,
     zeroed_copy,
 )
+from tiny_models import TINY_DECODER, LSTMClassifier, tokens
 from torch import nn
 
 import depprune
@@ -122,18 +123,6 @@ def test_torchvision_model(name):
 # -- small custom models ---------------------------------------------------------
 
 
-class LSTMClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.lstm = nn.LSTM(8, 12, batch_first=True)
-        self.head = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
-
-    def forward(self, tokens):
-        out, _ = self.lstm(self.embed(tokens))
-        return self.head(out[:, -1])
-
-
 class AttentionBlock(nn.Module):
     def __init__(self):
         super().__init__()
@@ -158,17 +147,8 @@ def test_multihead_attention_model():
 
 transformers = pytest.importorskip("transformers")
 
-TOKENS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
-
-LLAMA_LIKE = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+TOKENS = tokens(seed=2)
+LLAMA_LIKE = TINY_DECODER
 
 HF = {
     "LlamaForCausalLM": lambda: transformers.LlamaForCausalLM(

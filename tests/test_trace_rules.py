@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import TINY_DECODER, LSTMClassifier
 from torch import nn
 
 from depprune.equations import EQUAL, SUM
@@ -551,16 +552,7 @@ def test_multihead_attention_fused_kernel():
 
 
 def test_lstm_is_frozen_with_a_note():
-    class Recurrent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(20, 8)
-            self.lstm = nn.LSTM(8, 12, batch_first=True)
-            self.head = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
-
-        def forward(self, tokens):
-            out, _ = self.lstm(self.embed(tokens))
-            return self.head(out[:, -1])
+    Recurrent = LSTMClassifier
 
     tokens = torch.zeros(2, 5, dtype=torch.long)
     cpu = trace(Recurrent(), tokens)
@@ -694,15 +686,7 @@ def test_torchvision_resnet_has_every_op_covered():
 
 def test_llama_on_meta_matches_cpu():
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = transformers.LlamaConfig(**TINY_DECODER)
     tokens = torch.randint(0, 100, (2, 7))
     cpu = trace(transformers.LlamaForCausalLM(config).eval(), {"input_ids": tokens})
     with torch.device("meta"):
