@@ -222,6 +222,24 @@ def test_op_family_on_features(case):
     assert group_sizes(result) == sorted(sizes)
 
 
+def test_unary_ops_and_transposes_share_axes_and_give_the_rules_groups(monkeypatch):
+    """The tracer's shortcut (outputs share input axes) adds no axes and changes no group."""
+
+    def chain(h):
+        return (torch.relu(h) * 2).t().transpose(0, 1).permute(1, 0).T.contiguous().neg()
+
+    shortcut = trace(Sandwich(chain, 6), torch.randn(2, 4))
+    x = shortcut.input_axes[0]
+    plain = trace(Sandwich(lambda h: h, 6), torch.randn(2, 4))
+    assert shortcut.equations.num_axes == plain.equations.num_axes
+    assert shortcut.equations.num_equations == plain.equations.num_equations
+    assert x == plain.input_axes[0]
+    monkeypatch.setattr("depprune.tracer.ADOPTERS", {})
+    by_rules = trace(Sandwich(chain, 6), torch.randn(2, 4))
+    assert by_rules.equations.num_equations > plain.equations.num_equations
+    assert groups_of(shortcut) == groups_of(by_rules) == [(6, HIDDEN)]
+
+
 def test_cat_of_a_tensor_with_itself_ties_both_halves():
     result = trace(Sandwich(lambda h: torch.cat([h, h], dim=1), 12), torch.randn(2, 4))
     assert groups_of(result) == [(6, HIDDEN)]

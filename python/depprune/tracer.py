@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from depprune.equations import SUM, AxisEquations
 from depprune.errors import DeppruneError, TraceError, UnsupportedOpError
-from depprune.rules import rule_for
+from depprune.rules import ADOPTERS, rule_for
 from depprune.rules.common import Axes, OpCall, freeze_all
 
 __all__ = ["TraceResult", "model_inputs", "record", "running_stats_kept", "split_inputs"]
@@ -58,7 +58,6 @@ class TraceResult:
 
 
 _aten = torch.ops.aten
-_MISSING = object()
 #: Calls that read tensor values; on meta tensors they get a neutral answer instead.
 _DATA_DEPENDENT = {
     _aten._local_scalar_dense.default: ".item() (aten._local_scalar_dense) on a meta tensor",
@@ -139,6 +138,12 @@ _FROZEN_MODULES = (nn.RNNBase, nn.RNNCellBase)
 class _Recorder(TorchDispatchMode):
     """Gives tensors axes and turns each ATen call into equations through its rule."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps __torch_dispatch__ in a dynamo guard unless told not to: two extra
+        # frames per ATen op, and the trace never runs under torch.compile.
+        return False
+
     def __init__(self, equations: AxisEquations, strict: bool) -> None:
         super().__init__()
         self.equations = equations
@@ -160,7 +165,11 @@ class _Recorder(TorchDispatchMode):
         return axes
 
     def fresh(self, tensor: torch.Tensor) -> Axes:
-        axes = Axes(map(self.equations.axis, tensor.shape))
+        sizes = self.equations.axis_sizes
+        first = len(sizes)
+        shape = tensor.shape
+        sizes.extend(shape)
+        axes = Axes(range(first, first + len(shape)))
         self.axes[id(tensor)] = axes
         self.alive.append(tensor)
         return axes
@@ -178,10 +187,12 @@ class _Recorder(TorchDispatchMode):
         return axes
 
     def _wrap(self, values: Iterable[Any]) -> tuple:
+        known = self.axes
         wrapped = []
         for value in values:
             if isinstance(value, torch.Tensor):
-                wrapped.append(self.axes_of(value))
+                axes = known.get(id(value))
+                wrapped.append(self.fresh(value) if axes is None else axes)
             elif type(value) in (list, tuple):
                 wrapped.append(
                     [self.axes_of(v) if isinstance(v, torch.Tensor) else v for v in value]
@@ -190,14 +201,21 @@ class _Recorder(TorchDispatchMode):
                 wrapped.append(value)
         return tuple(wrapped)
 
+    def _entry(self, func: Any) -> tuple:
+        """``(rule, adopter, rare)`` of one overload, worked out on its first call."""
+        rule = rule_for(func)
+        rare = rule is None or func in _DATA_DEPENDENT or func in _DATA_DEPENDENT_SHAPES
+        entry = (rule, ADOPTERS.get(rule), rare)
+        self.rules[func] = entry
+        return entry
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        rule = self.rules.get(func, _MISSING)
-        if rule is _MISSING:
-            rule = self.rules[func] = rule_for(func)
+        entry = self.rules.get(func)
+        rule, adopter, rare = entry if entry is not None else self._entry(func)
         if kwargs is None:
             kwargs = {}
         run = func
-        if rule is None or func in _DATA_DEPENDENT or func in _DATA_DEPENDENT_SHAPES:
+        if rare:
             # The rare paths, kept off the per-op fast path.
             if func in _DATA_DEPENDENT and args and args[0].is_meta:
                 return self._neutral(func, args[0])
@@ -221,9 +239,19 @@ class _Recorder(TorchDispatchMode):
         out = run(*args, **kwargs)
         self.num_ops += 1
         if isinstance(out, torch.Tensor):
-            # The common case inline: a new tensor gets fresh axes.
+            # The common case inline: a new tensor shares an input's axes or gets fresh ones.
             axes = self.axes.get(id(out))
-            outputs = [self.fresh(out) if axes is None else self._output_axes(out)]
+            if axes is None:
+                if adopter is not None:
+                    axes, done = adopter(self.equations, in_args, in_kwargs, out.shape)
+                    if axes is not None:
+                        self.axes[id(out)] = axes
+                        self.alive.append(out)
+                        if done:
+                            return out
+                outputs = [self.fresh(out) if axes is None else axes]
+            else:
+                outputs = [self._output_axes(out)]
         elif isinstance(out, (tuple, list)):
             outputs = [self._output_axes(t) if isinstance(t, torch.Tensor) else None for t in out]
         else:

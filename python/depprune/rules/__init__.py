@@ -24,16 +24,17 @@ from typing import Any
 import torch
 
 from depprune.rules import index, linalg, nn, reduce, shape
-from depprune.rules.common import Axes, OpCall, Rule
+from depprune.rules.common import Adopter, Axes, OpCall, Rule
 from depprune.rules.elementwise import (
     CREATION_OPS,
     ELEMENTWISE_OPS,
     NO_AXIS_OPS,
+    adopt_broadcast,
     elementwise,
     no_relation,
 )
 
-__all__ = ["RULES", "Axes", "OpCall", "Rule", "rule_for"]
+__all__ = ["ADOPTERS", "RULES", "Adopter", "Axes", "OpCall", "Rule", "rule_for"]
 
 
 def _build() -> dict[Any, Rule]:
@@ -62,6 +63,9 @@ def _build() -> dict[Any, Rule]:
 
 #: Axis rule of every ATen op family depprune understands, by overload packet.
 RULES: dict[Any, Rule] = _build()
+
+#: For rules whose new outputs can share an input's axes: the tracer's shortcut.
+ADOPTERS: dict[Rule, Adopter] = {elementwise: adopt_broadcast, **shape.ADOPTERS}
 
 _POINTWISE = torch.Tag.pointwise
 

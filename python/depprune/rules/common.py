@@ -23,6 +23,7 @@ from typing import Any
 from depprune.equations import AxisEquations
 
 __all__ = [
+    "Adopter",
     "Axes",
     "OpCall",
     "Rule",
@@ -91,6 +92,11 @@ class OpCall:
 
 
 Rule = Callable[[AxisEquations, OpCall], "str | None"]
+
+#: ``adopt(eqs, args, kwargs, shape) -> (axes, done)``: axes a new output can share with
+#: an input instead of fresh axes tied by equations (``None``: it cannot), and whether
+#: that leaves nothing for the rule to relate. The tracer's fast path for common ops.
+Adopter = Callable[[AxisEquations, tuple, dict, Sequence[int]], "tuple[Axes | None, bool]"]
 
 _POSITIONS: dict[Any, dict[str, int]] = {}
 

@@ -14,10 +14,19 @@ axes the trace reuses, so the same rule covers them.
 
 from __future__ import annotations
 
-from depprune.equations import AxisEquations
-from depprune.rules.common import OpCall, broadcast_into, freeze_axes
+from collections.abc import Sequence
 
-__all__ = ["CREATION_OPS", "ELEMENTWISE_OPS", "NO_AXIS_OPS", "elementwise", "no_relation"]
+from depprune.equations import AxisEquations
+from depprune.rules.common import Axes, OpCall, broadcast_into, freeze_axes
+
+__all__ = [
+    "CREATION_OPS",
+    "ELEMENTWISE_OPS",
+    "NO_AXIS_OPS",
+    "adopt_broadcast",
+    "elementwise",
+    "no_relation",
+]
 
 
 def elementwise(eqs: AxisEquations, call: OpCall) -> None:
@@ -33,6 +42,36 @@ def elementwise(eqs: AxisEquations, call: OpCall) -> None:
                 freeze_axes(eqs, out)
             else:
                 broadcast_into(eqs, out, operand)
+
+
+def adopt_broadcast(
+    eqs: AxisEquations, args: tuple, kwargs: dict, shape: Sequence[int]
+) -> tuple[Axes | None, bool]:
+    """The output shares the axes of the first tensor input of its own shape.
+
+    The :func:`elementwise` rule would tie them dim by dim; sharing is the same
+    relation without the axes and equations. With one tensor input it is all.
+
+    >>> eqs = AxisEquations()
+    >>> x, bias = Axes(eqs.axis(s) for s in (2, 3)), Axes([eqs.axis(3)])
+    >>> adopt_broadcast(eqs, (x, bias), {}, (2, 3)) == (x, False)
+    True
+    """
+    sizes = eqs.axis_sizes
+    found = None
+    tensors = 0
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if type(value) is Axes:
+            tensors += 1
+            if found is None and len(value) == len(shape):
+                for axis, size in zip(value, shape, strict=True):
+                    if sizes[axis] != size:
+                        break
+                else:
+                    found = value
+        elif type(value) in (list, tuple):
+            return None, False  # tensors in a list: leave it to the rule
+    return found, found is not None and tensors == 1
 
 
 def no_relation(eqs: AxisEquations, call: OpCall) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from depprune.equations import AxisEquations
 from depprune.rules.common import (
+    Axes,
     OpCall,
     broadcast_into,
     equal_dims,
@@ -31,7 +32,7 @@ from depprune.rules.common import (
     normalize_dim,
 )
 
-__all__ = ["RULES_BY_NAME", "relate_reshape"]
+__all__ = ["ADOPTERS", "RULES_BY_NAME", "adopt_permuted", "relate_reshape"]
 
 
 def relate_reshape(eqs: AxisEquations, src: Sequence[int], dst: Sequence[int]) -> None:
@@ -100,6 +101,35 @@ def transpose(eqs: AxisEquations, call: OpCall) -> None:
         second = normalize_dim(call.arg("dim1"), len(src))
     order[first], order[second] = order[second], order[first]
     _permuted(eqs, src, call.outputs[0], order)
+
+
+def adopt_permuted(
+    eqs: AxisEquations, args: tuple, kwargs: dict, shape: Sequence[int]
+) -> tuple[Axes | None, bool]:
+    """A permute or transpose output is its input's axes in the new order.
+
+    >>> eqs = AxisEquations()
+    >>> x = Axes(eqs.axis(s) for s in (2, 3, 4))
+    >>> adopt_permuted(eqs, (x, 0, 2), {}, (4, 3, 2))
+    ((2, 1, 0), True)
+    """
+    src = args[0]
+    ndim = len(src)
+    if len(args) > 1 and isinstance(args[1], (list, tuple)):
+        order = [normalize_dim(d, ndim) for d in args[1]]  # permute(dims)
+    else:
+        order = list(range(ndim))
+        if len(args) == 3:  # transpose(dim0, dim1)
+            first, second = normalize_dim(args[1], ndim), normalize_dim(args[2], ndim)
+        elif len(args) == 1 and ndim == 2:  # t
+            first, second = 0, 1
+        else:
+            return None, False  # keyword dims or an odd form: the rule reads them
+        order[first], order[second] = order[second], order[first]
+    axes = Axes(src[k] for k in order)
+    if len(axes) != len(shape):
+        return None, False
+    return axes, True
 
 
 def expand(eqs: AxisEquations, call: OpCall) -> None:
@@ -458,3 +488,6 @@ RULES_BY_NAME = {
     **dict.fromkeys(("channel_shuffle", "native_channel_shuffle"), channel_shuffle),
     **dict.fromkeys(("as_strided", "as_strided_", "as_strided_copy"), as_strided),
 }  # fmt: skip
+
+#: Rules whose outputs can share their input's axes (see ``common.Adopter``).
+ADOPTERS = {permute: adopt_permuted, transpose: adopt_permuted}
