@@ -233,7 +233,9 @@ def test_transformers_round_trip(name, tmp_path, recwarn):
     assert config.intermediate_size == 32
     assert config.num_key_value_heads == 1 and config.num_attention_heads == 1
     model.save_pretrained(tmp_path)
-    reloaded = type(model).from_pretrained(tmp_path).eval()
+    # The loading path users take: the auto class reads the pruned config.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
     assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
 
 
