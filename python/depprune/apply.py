@@ -677,6 +677,14 @@ def apply_kept_indices(model: nn.Module, kept: Kept, *, low_memory: bool = False
     at a time, so the old one is freed at once (peak: the model plus its
     largest cut tensor); only running out of memory midway can then leave
     some tensors cut, and it is raised as :class:`ResourceError` naming them.
+
+    >>> import numpy as np, torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    >>> keep = np.array([1, 3])
+    >>> apply_kept_indices(model, {("0.weight", 0): keep, ("0.bias", 0): keep,
+    ...                            ("1.weight", 1): keep}, low_memory=True)
+    >>> model[0], model(torch.zeros(5, 3)).shape
+    (Linear(in_features=3, out_features=2, bias=True), torch.Size([5, 2]))
     """
     # Outside inference mode, so the new parameters can still be trained.
     with torch.inference_mode(False), torch.no_grad():

@@ -171,7 +171,14 @@ class DependencyGraph:
         return self.groups[int(group)]
 
     def unit_maps(self, group: int | Group) -> dict[ParamDim, np.ndarray]:
-        """For each member of ``group``: the unit of every index along its dim, or -1."""
+        """For each member of ``group``: the unit of every index along its dim, or -1.
+
+        >>> import torch, depprune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> graph = depprune.trace(model, torch.zeros(1, 2))
+        >>> {k: v.tolist() for k, v in graph.unit_maps(0).items()}
+        {('0.weight', 0): [0, 1, 2], ('0.bias', 0): [0, 1, 2], ('1.weight', 1): [0, 1, 2]}
+        """
         g = self._group(group)
         cached = self._unit_maps.get(g.index)
         if cached is None:
@@ -187,6 +194,11 @@ class DependencyGraph:
 
         ``removed`` maps a group (or its index) to the integer unit ids to
         remove; groups not mentioned are kept whole.
+
+        >>> import torch, depprune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> depprune.trace(model, torch.zeros(1, 2)).keep_mask({0: [1]}).tolist()
+        [1, 0, 1]
         """
         keep = np.ones(self.num_units, dtype=np.uint8)
         for key, ids in removed.items():
@@ -213,6 +225,13 @@ class DependencyGraph:
         """The indices each (parameter, dim) keeps once the ``removed`` units go.
 
         ``removed`` is a mapping as in :meth:`keep_mask`, or a keep mask itself.
+
+        >>> import numpy as np, torch, depprune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> graph = depprune.trace(model, torch.zeros(1, 2))
+        >>> kept = graph.kept_indices(np.array([1, 0, 1], dtype=np.uint8))
+        >>> kept[("1.weight", 1)].tolist()
+        [0, 2]
         """
         if isinstance(removed, np.ndarray):
             keep = _as_keep_mask(removed)
@@ -235,7 +254,13 @@ class DependencyGraph:
             ) from None
 
     def describe(self, name: str, dim: int) -> str:
-        """The structure along a parameter dim, e.g. ``product(g3[8], g4[64])``."""
+        """The structure along a parameter dim, e.g. ``product(g3[8], g4[64])``.
+
+        >>> import torch, depprune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> depprune.trace(model, torch.zeros(1, 2)).describe("1.weight", 1)
+        'g0[3]'
+        """
         return self._analysis.describe_axis(self.axis_of(name, dim))
 
     def __len__(self) -> int:

@@ -177,7 +177,17 @@ def magnitude(p: float = 2) -> Importance:
 
 
 def batchnorm_scale(group: Group, ctx: ScoreContext) -> torch.Tensor:
-    """|gamma| of the BatchNorm layers in the group (network slimming)."""
+    """|gamma| of the BatchNorm layers in the group (network slimming).
+
+    >>> import torch, depprune
+    >>> from depprune.importance import ScoreContext, batchnorm_scale
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3),
+    ...                             torch.nn.Conv2d(3, 1, 1))
+    >>> _ = model[1].weight.data.copy_(torch.tensor([0.5, -2.0, 1.0]))
+    >>> graph = depprune.trace(model, torch.zeros(1, 1, 4, 4))
+    >>> batchnorm_scale(graph.groups[0], ScoreContext.from_model(graph, model)).tolist()
+    [0.5, 2.0, 1.0]
+    """
 
     def per_index(name: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
         owner = ctx.owners.get(name)
@@ -192,6 +202,14 @@ def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
     """First-order Taylor: |sum of weight * grad| over each unit's slices.
 
     Run a backward pass first so that parameters hold ``.grad``.
+
+    >>> import torch, depprune
+    >>> from depprune.importance import ScoreContext, taylor
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    >>> model(torch.randn(4, 2)).sum().backward()
+    >>> graph = depprune.trace(model, torch.zeros(1, 2))
+    >>> taylor(graph.groups[0], ScoreContext.from_model(graph, model)).shape
+    torch.Size([3])
     """
 
     def per_index(name: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
@@ -212,7 +230,18 @@ def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
 
 
 def random(seed: int = 0) -> Importance:
-    """Seeded random scores: a baseline, the same for the same seed and graph."""
+    """Seeded random scores: a baseline, the same for the same seed and graph.
+
+    Needs no weights, so it also plans models on the meta device.
+
+    >>> import torch, depprune
+    >>> from depprune.importance import ScoreContext, random
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    >>> graph = depprune.trace(model, torch.zeros(1, 2))
+    >>> ctx = ScoreContext.from_model(graph, model)
+    >>> torch.equal(random(5)(graph.groups[0], ctx), random(5)(graph.groups[0], ctx))
+    True
+    """
 
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + group.index)
@@ -344,7 +373,16 @@ def score_groups(
     *,
     progress: bool | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Scores of every group as float32 CPU tensors, checked for shape and NaN."""
+    """Scores of every group as float32 CPU tensors, checked for shape and NaN.
+
+    >>> import torch, depprune
+    >>> from depprune.importance import ScoreContext, magnitude, score_groups
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    >>> graph = depprune.trace(model, torch.zeros(1, 2))
+    >>> ctx = ScoreContext.from_model(graph, model)
+    >>> {k: v.shape for k, v in score_groups(graph.groups, magnitude(), ctx).items()}
+    {0: torch.Size([3])}
+    """
     result = {}
     for group in tqdm(groups, desc="scoring groups", disable=_quiet(progress), leave=False):
         scores = importance(group, ctx)

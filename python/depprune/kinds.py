@@ -35,7 +35,15 @@ def _is_hidden_norm(module: nn.Module | None) -> bool:
 
 
 def group_kinds(graph: DependencyGraph, model: nn.Module) -> dict[int, str]:
-    """The kind of every group of ``graph``, by group index."""
+    """The kind of every group of ``graph``, by group index.
+
+    >>> import torch, depprune
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+    ...                             torch.nn.Conv2d(8, 4, 1))
+    >>> graph = depprune.trace(model, torch.zeros(1, 3, 8, 8))
+    >>> group_kinds(graph, model)
+    {0: 'channels'}
+    """
     modules = dict(model.named_modules())
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     shared: dict[tuple[str, int], int] = {}
@@ -85,7 +93,13 @@ def _kind(
 
 
 def params_per_unit(graph: DependencyGraph, model: nn.Module) -> dict[int, int]:
-    """Parameters removed with one unit of each group (tied parameters counted once)."""
+    """Parameters removed with one unit of each group (tied parameters counted once).
+
+    >>> import torch, depprune
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    >>> params_per_unit(depprune.trace(model, torch.zeros(1, 4)), model)  # 4 + 1 in, 2 out
+    {0: 7}
+    """
     tensors = dict(model.named_parameters(remove_duplicate=False))
     counts: dict[int, int] = {}
     for group in graph.groups:

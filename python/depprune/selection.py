@@ -51,7 +51,11 @@ def _check_ratio(ratio: float, where: str) -> float:
 
 
 def units_to_keep(size: int, ratio: float, round_to: int | None, min_units: int) -> int:
-    """Units a group of ``size`` keeps at ``ratio``, a multiple of ``round_to``."""
+    """Units a group of ``size`` keeps at ``ratio``, a multiple of ``round_to``.
+
+    >>> units_to_keep(100, 0.5, None, 1), units_to_keep(100, 0.5, 16, 1), units_to_keep(4, 0.9, None, 2)
+    (50, 64, 2)
+    """
     keep = size - math.floor(ratio * size + 1e-9)
     if round_to and round_to > 1:
         keep = max(round_to, math.ceil(keep / round_to) * round_to)
@@ -59,7 +63,11 @@ def units_to_keep(size: int, ratio: float, round_to: int | None, min_units: int)
 
 
 def lowest(scores: torch.Tensor, count: int) -> np.ndarray:
-    """Indices of the ``count`` lowest scores, sorted; ties broken by index."""
+    """Indices of the ``count`` lowest scores, sorted; ties broken by index.
+
+    >>> lowest(torch.tensor([3.0, 1.0, 1.0, 0.5]), 2).tolist()
+    [1, 3]
+    """
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
     order = torch.argsort(scores, stable=True)[:count]
@@ -260,7 +268,19 @@ _LAYER_NUMBER = re.compile(r"\.\d+\.")
 
 
 def uneven_roles(graph: DependencyGraph, removed: Mapping[int, np.ndarray]) -> list[str]:
-    """Roles whose groups would keep different unit counts in different layers."""
+    """Roles whose groups would keep different unit counts in different layers.
+
+    >>> import numpy as np, torch, depprune
+    >>> from collections import OrderedDict
+    >>> def block():
+    ...     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    >>> model = torch.nn.Sequential(OrderedDict(layers=torch.nn.Sequential(block(), block())))
+    >>> graph = depprune.trace(model, torch.zeros(1, 4))
+    >>> [(g.index, g.kind, g.size) for g in graph.groups]
+    [(0, 'neurons', 8), (1, 'neurons', 4), (2, 'neurons', 8)]
+    >>> uneven_roles(graph, {0: np.array([0]), 2: np.array([0, 1])})
+    ['layers.#.0.weight[0] (neurons: keeps [6, 7])']
+    """
     kept: dict[tuple, set[int]] = {}
     for g in graph.groups:
         kept.setdefault(layer_role(g), set()).add(g.size - len(removed.get(g.index, ())))
