@@ -110,7 +110,8 @@ class PruneReport:
         untouched = sum(g.kept == g.size for g in self.plan.groups)
         if untouched:
             lines.append(
-                f"{untouched} group(s) kept whole (other kinds, ignored, ratio 0 or min_units)"
+                f"{untouched} group(s) kept whole "
+                "(other kinds, ignored, ratio 0, min_units or round_to)"
             )
         if self.unsupported_ops:
             ops = ", ".join(f"{op} x{n}" for op, n in self.unsupported_ops.items())
