@@ -217,3 +217,39 @@ def test_low_memory_apply_gives_the_same_model():
     plan.apply(twin, low_memory=True)
     assert_same_outputs(outputs(model, IMAGE), outputs(twin, IMAGE), atol=0)
     assert [p.shape for p in model.parameters()] == [p.shape for p in twin.parameters()]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.bool]
+)
+@pytest.mark.parametrize("shape", [(7, 5), (6, 4, 3, 3)])
+@pytest.mark.parametrize("dims", [(1,), (0, 1)])
+def test_cpu_cuts_by_bytes_match_torch_indexing(monkeypatch, dtype, shape, dims):
+    """The CPU fast path (numpy take on the same bytes, rows in chunks over threads) is exact."""
+    from depprune import apply
+
+    monkeypatch.setattr(apply, "_CHUNK_BYTES", 1)  # a chunk per row: several threads at work
+    source = (torch.randn(*shape) * 10).to(dtype)
+    if dims == (1,):
+        source = source.transpose(0, 1).contiguous().transpose(0, 1)  # strided, not contiguous
+    kept = {0: torch.tensor([0, 2, 3]), 1: torch.tensor([1, 3])}
+    cuts = {d: kept[d] for d in dims}
+    expected = source
+    for dim, index in cuts.items():
+        expected = expected.index_select(dim, index)
+    cut = apply._take_on_cpu(source, cuts)
+    assert cut is not None and cut.dtype == dtype and cut.is_contiguous()
+    assert torch.equal(cut, expected)
+
+
+def test_cpu_cut_declines_what_torch_should_do():
+    from depprune import apply
+
+    rows = {0: torch.tensor([0, 1])}
+    assert apply._take_on_cpu(torch.zeros(4, 4), rows) is None  # whole rows: index_select copies
+    assert apply._take_on_cpu(torch.zeros(4), {1: torch.tensor([0])}) is None
+    assert apply._take_on_cpu(torch.zeros(4, 4, 4), {2: torch.tensor([0])}) is None
+    assert apply._take_on_cpu(torch.zeros(4, 4, device="meta"), {1: torch.tensor([0])}) is None
+    assert (
+        apply._take_on_cpu(torch.zeros(4, 4, dtype=torch.complex64), {1: torch.tensor([0])}) is None
+    )

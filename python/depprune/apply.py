@@ -2,8 +2,10 @@
 
 All or nothing: the whole plan is checked and every new tensor is built
 before the first module is touched, so on any error the model is exactly as
-it was. Tensors are cut with ``index_select`` on their own device and dtype;
-``requires_grad`` is kept; tied parameters stay tied.
+it was. Tensors are cut on their own device and in their own dtype (on the
+CPU a cut across columns is numpy's ``take`` on the same bytes, several times
+faster than torch's element-wise gather there); ``requires_grad`` is kept;
+tied parameters stay tied.
 
 >>> import torch, depprune
 >>> from depprune.apply import apply_kept_indices
@@ -21,6 +23,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +62,10 @@ class _Cut:
             for dim, index in self.dims.items()
             if index.numel() < old.shape[dim]
         }
-        if cuts.keys() == {0, 1}:
+        on_cpu = _take_on_cpu(new, cuts)
+        if on_cpu is not None:
+            new = on_cpu
+        elif cuts.keys() == {0, 1}:
             # Rows and columns in one gather: 1.5-3x faster than two index_selects
             # (a weight matrix or conv kernel), and no half-cut intermediate.
             new = new[cuts[0][:, None], cuts[1]]
@@ -77,6 +83,59 @@ class _Cut:
             if undo is not None:
                 undo.append((slots, attr, slots[attr], True))
             slots[attr] = new
+
+
+#: Integer dtypes by element size: a cut only moves bytes, and numpy has no bfloat16.
+_SAME_BYTES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: Source rows per chunk of a CPU cut (chunks run on torch's threads).
+_CHUNK_BYTES = 8 << 20
+
+
+def _take_on_cpu(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+    """A CPU tensor cut along dim 1 (and maybe dim 0) with numpy's ``take``; else ``None``.
+
+    torch gathers columns one element at a time on the CPU (index_select along
+    dim 1 of an embedding: ~2x slower; rows and columns of a weight matrix:
+    ~3x); ``take`` on an integer view of the same bytes copies whole runs.
+    Rows go in chunks over ``torch.get_num_threads()`` threads (``take``
+    releases the GIL). Indices were checked in range before, hence ``clip``.
+    """
+    as_int = _SAME_BYTES.get(tensor.element_size())
+    if (
+        tensor.device.type != "cpu"
+        or as_int is None
+        or tensor.is_complex()
+        or tensor.dim() < 2
+        or 1 not in cuts
+        or not cuts.keys() <= {0, 1}
+    ):
+        return None
+    try:
+        source = tensor.view(as_int).numpy()
+    except (RuntimeError, TypeError, ValueError):
+        return None  # a tensor subclass, or one numpy cannot view: torch cuts it
+    rows = cuts[0].numpy() if 0 in cuts else None
+    columns = cuts[1].numpy()
+    num_rows = source.shape[0] if rows is None else rows.size
+    # torch's allocator (huge pages for big blocks) writes faster than np.empty's pages.
+    cut = torch.empty((num_rows, columns.size, *source.shape[2:]), dtype=as_int)
+    out = cut.numpy()
+    chunk = max(1, _CHUNK_BYTES // max(1, source[:1].nbytes))
+
+    def cut_rows(start: int) -> None:
+        stop = min(start + chunk, num_rows)
+        block = source[start:stop] if rows is None else source.take(rows[start:stop], axis=0)
+        block.take(columns, axis=1, out=out[start:stop], mode="clip")
+
+    starts = range(0, num_rows, chunk)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(cut_rows, starts))
+    else:
+        for start in starts:
+            cut_rows(start)
+    return cut.view(tensor.dtype)
 
 
 def named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
