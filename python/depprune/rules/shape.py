@@ -113,6 +113,8 @@ def adopt_permuted(
     >>> adopt_permuted(eqs, (x, 0, 2), {}, (4, 3, 2))
     ((2, 1, 0), True)
     """
+    if kwargs:
+        return None, False  # dims by keyword: the rule reads them
     src = args[0]
     ndim = len(src)
     if len(args) > 1 and isinstance(args[1], (list, tuple)):
@@ -124,10 +126,11 @@ def adopt_permuted(
         elif len(args) == 1 and ndim == 2:  # t
             first, second = 0, 1
         else:
-            return None, False  # keyword dims or an odd form: the rule reads them
+            return None, False  # an odd form: the rule reads it
         order[first], order[second] = order[second], order[first]
     axes = Axes(src[k] for k in order)
-    if len(axes) != len(shape):
+    sizes = eqs.axis_sizes
+    if len(axes) != len(shape) or any(sizes[a] != n for a, n in zip(axes, shape, strict=True)):
         return None, False
     return axes, True
 
