@@ -253,3 +253,28 @@ def test_cpu_cut_declines_what_torch_should_do():
     assert (
         apply._take_on_cpu(torch.zeros(4, 4, dtype=torch.complex64), {1: torch.tensor([0])}) is None
     )
+
+
+def test_the_garbage_collector_pauses_during_work_and_comes_back_even_on_errors():
+    import gc
+
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append(gc.isenabled())
+            return super().forward(x)
+
+    model = nn.Sequential(Probe(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    depprune.prune(model, torch.zeros(1, 4), ratio=0.5)
+    assert seen and not any(seen)  # traced and counted with the collector off
+    assert gc.isenabled()
+    with pytest.raises(depprune.TraceError):
+        depprune.trace(model, torch.zeros(1, 3))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        depprune.trace(model, torch.zeros(1, 4))
+        assert not gc.isenabled()  # a caller's choice is left alone
+    finally:
+        gc.enable()

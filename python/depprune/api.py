@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from depprune._gc import paused_gc
 from depprune.errors import InternalError, SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
@@ -55,12 +56,13 @@ def trace(
     >>> [(g.kind, g.size, g.params_per_unit) for g in graph.groups()]
     [('neurons', 8, 7)]
     """
-    result = record(model, example_inputs, ignored=tuple(ignored), strict=strict)
-    graph = result.equations.solve()
-    graph.unsupported_ops = result.unsupported_ops
-    graph.notes = result.notes
-    if isinstance(model, nn.Module):
-        graph.annotate(group_kinds(graph, model), params_per_unit(graph, model))
+    with paused_gc():
+        result = record(model, example_inputs, ignored=tuple(ignored), strict=strict)
+        graph = result.equations.solve()
+        graph.unsupported_ops = result.unsupported_ops
+        graph.notes = result.notes
+        if isinstance(model, nn.Module):
+            graph.annotate(group_kinds(graph, model), params_per_unit(graph, model))
     return graph
 
 
@@ -72,7 +74,7 @@ def _count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass (matmuls and convolutions); works on meta."""
     args, kwargs = model_inputs(model, example_inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), running_stats_kept(model), counter:
+    with torch.no_grad(), running_stats_kept(model), paused_gc(), counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
 
@@ -163,51 +165,52 @@ def make_plan(
     # Check cheap arguments before the trace, so mistakes fail fast.
     check_ratios(model, ratio, ratios, ignored, round_to, min_units)
     wanted = _check_kinds(kinds)
-    if graph is None:
-        if example_inputs is None:
-            raise TraceError("make_plan needs example_inputs to trace the model, or a graph")
-        graph = trace(model, example_inputs, ignored=ignored, strict=strict)
-    ctx = ScoreContext.from_model(graph, model)
-    kind_of = (
-        {g.index: g.kind for g in graph.groups}
-        if all(g.kind for g in graph.groups)
-        else group_kinds(graph, model)
-    )
-    chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
-    scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
-    removed = select(
-        graph,
-        scores,
-        model,
-        ratio=ratio,
-        ratios=ratios,
-        ignored=ignored,
-        round_to=round_to,
-        min_units=min_units,
-        global_ranking=global_ranking,
-        uniform=bool(uniform),
-    )
-    if uniform is None and hasattr(getattr(model, "config", None), "to_dict"):
-        uneven = uneven_roles(graph, removed)
-        if uneven:
-            raise SelectionError(
-                f"layers would keep different sizes, which {type(model).__name__}'s config "
-                f"cannot describe, so from_pretrained could not reload the result: "
-                f"{'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. Pass "
-                "uniform=True for the same size in every layer (each layer still drops its "
-                "own weakest units), or uniform=False to prune unevenly anyway"
-            )
-    choices = [
-        GroupChoice(
-            index=g.index,
-            kind=kind_of[g.index],
-            size=g.size,
-            kept=g.size - len(removed.get(g.index, ())),
-            first_member=f"{g.members[0][0]}[{g.members[0][1]}]",
+    with paused_gc():
+        if graph is None:
+            if example_inputs is None:
+                raise TraceError("make_plan needs example_inputs to trace the model, or a graph")
+            graph = trace(model, example_inputs, ignored=ignored, strict=strict)
+        ctx = ScoreContext.from_model(graph, model)
+        kind_of = (
+            {g.index: g.kind for g in graph.groups}
+            if all(g.kind for g in graph.groups)
+            else group_kinds(graph, model)
         )
-        for g in graph.groups
-    ]
-    return Plan.from_kept(model, graph.kept_indices(removed), choices)
+        chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
+        scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
+        removed = select(
+            graph,
+            scores,
+            model,
+            ratio=ratio,
+            ratios=ratios,
+            ignored=ignored,
+            round_to=round_to,
+            min_units=min_units,
+            global_ranking=global_ranking,
+            uniform=bool(uniform),
+        )
+        if uniform is None and hasattr(getattr(model, "config", None), "to_dict"):
+            uneven = uneven_roles(graph, removed)
+            if uneven:
+                raise SelectionError(
+                    f"layers would keep different sizes, which {type(model).__name__}'s config "
+                    f"cannot describe, so from_pretrained could not reload the result: "
+                    f"{'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. Pass "
+                    "uniform=True for the same size in every layer (each layer still drops its "
+                    "own weakest units), or uniform=False to prune unevenly anyway"
+                )
+        choices = [
+            GroupChoice(
+                index=g.index,
+                kind=kind_of[g.index],
+                size=g.size,
+                kept=g.size - len(removed.get(g.index, ())),
+                first_member=f"{g.members[0][0]}[{g.members[0][1]}]",
+            )
+            for g in graph.groups
+        ]
+        return Plan.from_kept(model, graph.kept_indices(removed), choices)
 
 
 def _check_kinds(kinds: Iterable[str] | None) -> frozenset[str]:

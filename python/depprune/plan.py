@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from depprune._gc import paused_gc
 from depprune.apply import apply_kept_indices, named_tensors
 from depprune.errors import InvalidPlanError, PlanMismatchError
 
@@ -145,7 +146,8 @@ class Plan:
                     f"the plan was made for {name!r} of shape {shape}, but the model's has "
                     f"shape {actual}; was it already pruned, or is it another configuration?"
                 )
-        apply_kept_indices(model, self.kept, low_memory=low_memory)
+        with paused_gc():
+            apply_kept_indices(model, self.kept, low_memory=low_memory)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan to one ``.npz`` file (indices as int64 arrays, the rest as JSON)."""
