@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "depprune",
+    "depprune._gc",
     "depprune.equations",
     "depprune.errors",
     "depprune.graph",

@@ -94,9 +94,9 @@ _CHUNK_BYTES = 8 << 20
 def _take_on_cpu(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
     """A CPU tensor cut along dim 1 (and maybe dim 0) with numpy's ``take``; else ``None``.
 
-    torch gathers columns one element at a time on the CPU (index_select along
-    dim 1 of an embedding: ~2x slower; rows and columns of a weight matrix:
-    ~3x); ``take`` on an integer view of the same bytes copies whole runs.
+    torch gathers columns one element at a time on the CPU (rows and columns
+    of a Llama-3-8B MLP matrix: ~65 ms against ~30 ms here; an embedding's
+    columns: 1.3-3x slower); ``take`` works on an integer view of the same bytes.
     Rows go in chunks over ``torch.get_num_threads()`` threads (``take``
     releases the GIL). Indices were checked in range before, hence ``clip``.
     """
