@@ -17,7 +17,7 @@ dim), so a rule never touches tensor data; sizes come from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
 from depprune.equations import AxisEquations
@@ -29,6 +29,7 @@ __all__ = [
     "Rule",
     "broadcast_into",
     "equal_dims",
+    "equal_or_freeze",
     "freeze_all",
     "freeze_axes",
     "link_groups",
@@ -126,6 +127,18 @@ def equal_dims(eqs: AxisEquations, left: Sequence[int], right: Sequence[int]) ->
     for a, b in zip(left, right, strict=True):
         if a != b:
             eqs.equal(a, b)
+
+
+def equal_or_freeze(
+    eqs: AxisEquations, src: Sequence[int], out: Sequence[int], frozen: Container[int]
+) -> None:
+    """Freeze dims ``frozen`` on both sides (elements move along them); equate the others."""
+    for k, (a, b) in enumerate(zip(src, out, strict=True)):
+        if k in frozen:
+            eqs.freeze(a)
+            eqs.freeze(b)
+        elif a != b:
+            eqs.equal(b, a)
 
 
 def broadcast_into(eqs: AxisEquations, out: Sequence[int], operand: Sequence[int]) -> None:

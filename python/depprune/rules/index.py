@@ -25,6 +25,7 @@ from depprune.rules.common import (
     OpCall,
     broadcast_into,
     equal_dims,
+    equal_or_freeze,
     freeze_all,
     freeze_axes,
     normalize_dim,
@@ -133,12 +134,7 @@ def index_select(eqs: AxisEquations, call: OpCall) -> None:
     """``x.index_select(dim, index)``: ``dim`` is frozen on both sides, others pass."""
     x, out = call.args[0], call.outputs[0]
     d = normalize_dim(call.arg("dim"), len(x))
-    for k, (a, b) in enumerate(zip(x, out, strict=True)):
-        if k == d:
-            eqs.freeze(a)
-            eqs.freeze(b)
-        elif a != b:
-            eqs.equal(b, a)
+    equal_or_freeze(eqs, x, out, (d,))
 
 
 def gather(eqs: AxisEquations, call: OpCall) -> None:
@@ -203,12 +199,7 @@ def index_add(eqs: AxisEquations, call: OpCall) -> None:
         if type(source) is Axes:
             freeze_axes(eqs, source)
         return
-    for k, (a, b) in enumerate(zip(x, source, strict=True)):
-        if k == d:
-            eqs.freeze(a)
-            eqs.freeze(b)
-        elif a != b:
-            eqs.equal(b, a)
+    equal_or_freeze(eqs, x, source, (d,))
 
 
 def index_fill(eqs: AxisEquations, call: OpCall) -> None:

@@ -14,7 +14,7 @@ Sorting-like ops keep the dim but move elements by value: that dim is frozen.
 from __future__ import annotations
 
 from depprune.equations import AxisEquations
-from depprune.rules.common import OpCall, freeze_axes, normalize_dim
+from depprune.rules.common import OpCall, equal_or_freeze, freeze_axes, normalize_dim
 from depprune.rules.elementwise import elementwise
 
 __all__ = ["RULES_BY_NAME"]
@@ -61,12 +61,7 @@ def reorder(eqs: AxisEquations, call: OpCall) -> None:
     for out in call.outputs:
         if out is None or len(out) != len(x):
             continue
-        for k, (a, b) in enumerate(zip(x, out, strict=True)):
-            if k == d:
-                eqs.freeze(a)
-                eqs.freeze(b)
-            elif a != b:
-                eqs.equal(b, a)
+        equal_or_freeze(eqs, x, out, (d,))
 
 
 RULES_BY_NAME = {

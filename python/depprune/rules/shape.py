@@ -26,6 +26,7 @@ from depprune.rules.common import (
     OpCall,
     broadcast_into,
     equal_dims,
+    equal_or_freeze,
     freeze_all,
     freeze_axes,
     link_groups,
@@ -356,12 +357,7 @@ def edge_pad(eqs: AxisEquations, call: OpCall) -> None:
     """Reflection/replication padding copies edge elements: padded dims are frozen."""
     src, out = call.args[0], call.outputs[0]
     padded = len(call.arg("padding")) // 2
-    for k, (a, b) in enumerate(zip(src, out, strict=True)):
-        if k >= len(src) - padded:
-            eqs.freeze(a)
-            eqs.freeze(b)
-        elif a != b:
-            eqs.equal(b, a)
+    equal_or_freeze(eqs, src, out, range(len(src) - padded, len(src)))
 
 
 def flip(eqs: AxisEquations, call: OpCall) -> None:
@@ -372,12 +368,7 @@ def flip(eqs: AxisEquations, call: OpCall) -> None:
         freeze_all(eqs, call)
         return
     moved = {normalize_dim(d, len(src)) for d in dims}
-    for k, (a, b) in enumerate(zip(src, out, strict=True)):
-        if k in moved:
-            eqs.freeze(a)
-            eqs.freeze(b)
-        elif a != b:
-            eqs.equal(b, a)
+    equal_or_freeze(eqs, src, out, moved)
 
 
 def unfold(eqs: AxisEquations, call: OpCall) -> None:
