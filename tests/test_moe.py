@@ -26,6 +26,7 @@ from pruning_oracle import (
     predicted_param_count,
     zeroed_copy,
 )
+from tiny_models import TINY_DECODER, tokens
 from torch import nn
 
 import depprune
@@ -37,17 +38,11 @@ from depprune.tracer import record
 
 transformers = pytest.importorskip("transformers")
 
-TOKENS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+TOKENS = tokens(seed=3)
 
-COMMON = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    num_experts_per_tok=2,
-)
+# The shared tiny decoder; each family sets its own MLP widths below.
+COMMON = {k: v for k, v in TINY_DECODER.items() if k != "intermediate_size"}
+COMMON["num_experts_per_tok"] = 2
 
 #: family -> (model class name, config class name, config fields beyond COMMON)
 FAMILIES = {
