@@ -343,6 +343,98 @@ impl Analysis {
         }
     }
 
+    /// The number of flat indices every axis keeps under a keep mask: the
+    /// size each traced tensor dim has once the plan is applied. Leaves keep
+    /// their kept units (frozen ones all), sums add, products multiply; linear
+    /// in the structure, no per-index work.
+    ///
+    /// ```
+    /// use depprune_core::{analyze, EquationSet, ParamTable};
+    /// // hidden (8) = product(heads (2), head_dim (4)).
+    /// let eqs = EquationSet {
+    ///     axis_sizes: &[8, 2, 4],
+    ///     kinds: &[2],
+    ///     left: &[0],
+    ///     right_offsets: &[0, 2],
+    ///     right: &[1, 2],
+    ///     frozen_axes: &[],
+    /// };
+    /// let params = ParamTable { params: &[0], dims: &[0], axes: &[0] };
+    /// let analysis = analyze(&eqs, &params).unwrap();
+    /// // Drop one head: 4 of 8 indices remain.
+    /// assert_eq!(analysis.kept_sizes(&[1, 0, 1, 1, 1, 1]).unwrap(), vec![4, 1, 4]);
+    /// ```
+    pub fn kept_sizes(&self, keep: &[u8]) -> Result<Vec<i64>, CoreError> {
+        const WHAT: &str = "kept_sizes";
+        self.check_keep(keep)?;
+        let mut count: Vec<i64> = try_filled(self.shape.len() as u64, -1, WHAT)?;
+        let mut order = Vec::new();
+        for axis in 0..self.num_axes {
+            let root = self.axis_root[axis];
+            if count[root] >= 0 {
+                continue;
+            }
+            order.clear();
+            post_order(&self.shape, root, |n| count[n] >= 0, |n| order.push(n));
+            for &node in &order {
+                count[node] = match &self.shape[node] {
+                    Shape::Leaf => match self.group_of_node[node] {
+                        g if g >= 0 => {
+                            let start = self.unit_offsets[g as usize] as usize;
+                            let units = &keep[start..start + self.size[node] as usize];
+                            units.iter().filter(|&&k| k != 0).count() as i64
+                        }
+                        _ => self.size[node] as i64,
+                    },
+                    Shape::Sum(c) => c.iter().map(|&child| count[child]).sum(),
+                    // Sizes are capped and products checked at validation: no overflow.
+                    Shape::Product(c) => c.iter().map(|&child| count[child]).product(),
+                };
+            }
+        }
+        let mut sizes = try_vec(self.num_axes as u64, WHAT)?;
+        sizes.extend((0..self.num_axes).map(|axis| count[self.axis_root[axis]]));
+        Ok(sizes)
+    }
+
+    /// The distinct groups under each of `axes` (those whose units index it),
+    /// in order of first appearance: `(offsets, groups)`, CSR per queried axis.
+    ///
+    /// ```
+    /// use depprune_core::{analyze, EquationSet, ParamTable};
+    /// let eqs = EquationSet {
+    ///     axis_sizes: &[8, 2, 4],
+    ///     kinds: &[2],
+    ///     left: &[0],
+    ///     right_offsets: &[0, 2],
+    ///     right: &[1, 2],
+    ///     frozen_axes: &[],
+    /// };
+    /// let params = ParamTable { params: &[0], dims: &[0], axes: &[0] };
+    /// let analysis = analyze(&eqs, &params).unwrap();
+    /// assert_eq!(analysis.groups_of_axes(&[0, 2]).unwrap(), (vec![0, 2, 3], vec![0, 1, 1]));
+    /// ```
+    pub fn groups_of_axes(&self, axes: &[i64]) -> Result<(Vec<i64>, Vec<i64>), CoreError> {
+        const WHAT: &str = "groups_of_axes";
+        let mut roots = try_vec(axes.len() as u64, WHAT)?;
+        for &axis in axes {
+            roots.push(self.axis_root[self.check_axis(axis)?]);
+        }
+        let mut offsets = try_vec(axes.len() as u64 + 1, WHAT)?;
+        offsets.push(0i64);
+        let mut groups = Vec::new();
+        for root in roots {
+            for leaf in leaves_in_order(&self.shape, root) {
+                let g = self.group_of_node[leaf];
+                if g >= 0 {
+                    groups.push(g);
+                }
+            }
+            offsets.push(groups.len() as i64);
+        }
+        Ok((offsets, groups))
+    }
+
     /// A keep mask must have one entry per unit, checked before any work.
     fn check_keep(&self, keep: &[u8]) -> Result<(), CoreError> {
         let expected = self.num_units() as usize;

@@ -174,6 +174,28 @@ mod _core {
             Ok(mask.into_pyarray(py))
         }
 
+        /// Kept size of every axis under a keep mask (the shapes a plan predicts).
+        fn kept_sizes<'py>(
+            &self,
+            py: Python<'py>,
+            keep: PyReadonlyArray1<'py, u8>,
+        ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+            let keep = slice(&keep);
+            let sizes = run_core(py, || self.inner.kept_sizes(&keep))?;
+            Ok(sizes.into_pyarray(py))
+        }
+
+        /// Groups whose units index each of the given axes: (offsets, groups).
+        fn groups_of_axes<'py>(
+            &self,
+            py: Python<'py>,
+            axes: PyReadonlyArray1<'py, i64>,
+        ) -> PyResult<Csr<'py>> {
+            let axes = slice(&axes);
+            let (offsets, groups) = run_core(py, || self.inner.groups_of_axes(&axes))?;
+            Ok((offsets.into_pyarray(py), groups.into_pyarray(py)))
+        }
+
         /// The structure of an axis, e.g. "product(g0[2], sum(g1[2], g1[2]))".
         fn describe_axis(&self, py: Python<'_>, axis: i64) -> PyResult<String> {
             run_core(py, || self.inner.describe_axis(axis))
