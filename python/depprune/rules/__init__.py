@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from depprune.rules import index, linalg, nn, reduce, shape
+from depprune.rules import index, linalg, nn, position, reduce, shape
 from depprune.rules.common import Adopter, Axes, OpCall, Rule
 from depprune.rules.elementwise import (
     CREATION_OPS,
@@ -46,6 +46,7 @@ def _build() -> dict[Any, Rule]:
         linalg.RULES_BY_NAME,
         nn.RULES_BY_NAME,
         reduce.RULES_BY_NAME,
+        position.RULES_BY_NAME,
         index.RULES_BY_NAME,
     ]
     for family in families:

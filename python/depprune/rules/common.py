@@ -17,7 +17,7 @@ dim), so a rule never touches tensor data; sizes come from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import Any
 
 from depprune.equations import AxisEquations
@@ -30,6 +30,7 @@ __all__ = [
     "broadcast_into",
     "equal_dims",
     "equal_or_freeze",
+    "equal_or_freeze_outputs",
     "freeze_all",
     "freeze_axes",
     "link_groups",
@@ -76,6 +77,20 @@ class OpCall:
         if position is not None and position < len(self.args):
             return self.args[position]
         return self.kwargs.get(name, default)
+
+    def arg_or_default(self, name: str) -> Any:
+        """The argument called ``name``, or its schema default when the call leaves it out.
+
+        ``None`` when the schema has no such argument (``msort`` has no ``dim``).
+        """
+        position = _positions(self.func).get(name)
+        if position is not None and position < len(self.args):
+            return self.args[position]
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if position is None:
+            return None
+        return self.func._schema.arguments[position].default_value
 
     def tensors(self) -> Iterator[Axes]:
         """Every tensor argument, including those inside lists, in order."""
@@ -139,6 +154,24 @@ def equal_or_freeze(
             eqs.freeze(b)
         elif a != b:
             eqs.equal(b, a)
+
+
+def equal_or_freeze_outputs(eqs: AxisEquations, call: OpCall, frozen: Iterable[int]) -> None:
+    """:func:`equal_or_freeze` from the first input to every tensor output.
+
+    ``frozen`` dims may be negative. An output of another rank than the input
+    is not understood: it and the input freeze whole.
+    """
+    src = call.args[0]
+    dims = {normalize_dim(d, len(src)) for d in frozen}
+    for out in call.outputs:
+        if out is None:
+            continue
+        if len(out) == len(src):
+            equal_or_freeze(eqs, src, out, dims)
+        else:
+            freeze_axes(eqs, src)
+            freeze_axes(eqs, out)
 
 
 def broadcast_into(eqs: AxisEquations, out: Sequence[int], operand: Sequence[int]) -> None:

@@ -92,11 +92,11 @@ ELEMENTWISE_OPS = (
     "hardtanh", "softplus", "leaky_relu", "elu", "selu", "celu", "mish",
     "logit", "threshold", "rrelu_with_noise", "log_sigmoid_forward",
     "softshrink", "hardshrink", "sinc",
-    # softmax-like: same shape along every dim
+    # softmax-like: same shape along every dim, and a dim's elements are a set
+    # (scans like cumsum and masks like tril depend on positions: rules/position.py)
     "_softmax", "_log_softmax", "_safe_softmax", "softmax", "log_softmax",
-    "cumsum", "cumprod", "logcumsumexp",
     # comparisons, masks and logic
-    "eq", "ne", "lt", "le", "gt", "ge", "where", "masked_fill", "tril", "triu",
+    "eq", "ne", "lt", "le", "gt", "ge", "where", "masked_fill",
     "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "bitwise_left_shift",
     "bitwise_right_shift", "logical_and", "logical_or", "logical_xor", "logical_not",
     "isinf", "isnan", "isfinite", "isneginf", "isposinf", "signbit",
@@ -110,10 +110,13 @@ ELEMENTWISE_OPS = (
     "randint_like",
 )  # fmt: skip
 
-#: Ops that create tensors from shape arguments: fresh axes, no relation.
+#: Ops that create tensors from shape arguments: fresh axes, no relation, free to cut.
+#: Safe because every element has the same value (or an independent random draw), so a
+#: cut tensor equals the cut of the full one; position-valued creation (``arange``,
+#: ``eye``, ``linspace``) is frozen instead (``position.POSITION_CREATION_OPS``).
 CREATION_OPS = (
-    "zeros", "ones", "empty", "full", "arange", "scalar_tensor", "rand", "randn", "randint",
-    "randperm", "linspace", "logspace", "eye", "empty_strided", "empty_permuted", "new_zeros",
+    "zeros", "ones", "empty", "full", "scalar_tensor", "rand", "randn", "randint",
+    "empty_strided", "empty_permuted", "new_zeros",
     "new_ones", "new_empty", "new_full", "new_empty_strided",
 )  # fmt: skip
 

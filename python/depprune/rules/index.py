@@ -7,7 +7,8 @@ and every dim that is not indexed passes through. Writes (``index_add_``,
 ``x[rows] = y``, ``scatter``) relate the written values' other dims to the
 target's, so a MoE layer that gathers its tokens, runs an expert and adds
 the result back keeps one hidden axis. Ops that count or deduplicate values
-(``histc``, ``bincount``, ``unique``) relate nothing and are frozen.
+(``bincount``, ``unique``) relate nothing and are frozen (``histc``,
+``searchsorted``, ``bucketize``: :mod:`depprune.rules.position`).
 
 >>> import torch
 >>> from depprune.tracer import record
@@ -233,9 +234,8 @@ RULES_BY_NAME = {
             "masked_scatter", "masked_scatter_", "masked_select", "take", "nonzero",
             "nonzero_static", "put", "put_", "embedding_bag", "_embedding_bag",
             "_embedding_bag_forward_only",
-            # counting and deduplicating values (MoE routing: tokens per expert)
-            "histc", "bincount", "_unique2", "unique_dim", "unique_consecutive", "searchsorted",
-            "bucketize",
+            # counting and deduplicating values (histc, searchsorted: rules/position.py)
+            "bincount", "_unique2", "unique_dim", "unique_consecutive",
         ),
         freeze_all,
     ),

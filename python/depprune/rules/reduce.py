@@ -3,7 +3,10 @@
 A reduced axis is not cut by the reduction: pruning it changes the value
 (the mean of fewer elements), the way pruning a normalised axis does, and
 the output no longer has it (or has a fresh size-1 dim with ``keepdim``).
-Sorting-like ops keep the dim but move elements by value: that dim is frozen.
+A reduction that returns indices (``argmax``, ``max(dim)``, ``median(dim)``,
+``mode``, ``kthvalue``) answers with positions along the reduced dims, which
+change when they are cut: those dims are frozen. Sorts and scans keep the dim
+and are in :mod:`depprune.rules.position`.
 
 >>> import torch
 >>> from depprune.tracer import record
@@ -13,20 +16,35 @@ Sorting-like ops keep the dim but move elements by value: that dim is frozen.
 
 from __future__ import annotations
 
+from typing import Any
+
 from depprune.equations import AxisEquations
-from depprune.rules.common import OpCall, equal_or_freeze, freeze_axes, normalize_dim
+from depprune.rules.common import OpCall, freeze_axes, normalize_dim
 from depprune.rules.elementwise import elementwise
 
 __all__ = ["RULES_BY_NAME"]
 
 
 def _reduced_dims(call: OpCall, ndim: int) -> set[int]:
-    dims = call.arg("dim")
+    dims = call.arg_or_default("dim")
     if dims is None or (type(dims) in (list, tuple) and len(dims) == 0):
         return set(range(ndim))
     if type(dims) is int:
         dims = (dims,)
     return {normalize_dim(d, ndim) for d in dims}
+
+
+_RETURNS_POSITIONS: dict[Any, bool] = {}
+
+
+def _returns_positions(func: Any) -> bool:
+    """argmax, argmin and every overload returning ``indices`` (``max.dim``, ``mode``)."""
+    answer = _RETURNS_POSITIONS.get(func)
+    if answer is None:
+        names = {r.name for r in func._schema.returns}
+        answer = func.overloadpacket.__name__ in ("argmax", "argmin") or "indices" in names
+        _RETURNS_POSITIONS[func] = answer
+    return answer
 
 
 def reduction(eqs: AxisEquations, call: OpCall) -> None:
@@ -37,6 +55,9 @@ def reduction(eqs: AxisEquations, call: OpCall) -> None:
         return
     x = call.args[0]
     reduced = _reduced_dims(call, len(x))
+    if _returns_positions(call.func):
+        # The indices are positions along the reduced dims: cutting them changes the answer.
+        freeze_axes(eqs, [a for k, a in enumerate(x) if k in reduced])
     kept = [a for k, a in enumerate(x) if k not in reduced]
     for out in call.outputs:
         if out is None:
@@ -53,25 +74,14 @@ def reduction(eqs: AxisEquations, call: OpCall) -> None:
             freeze_axes(eqs, out)
 
 
-def reorder(eqs: AxisEquations, call: OpCall) -> None:
-    """sort, topk, kthvalue, ...: elements move along ``dim`` by value, which is frozen."""
-    x = call.args[0]
-    dim = call.arg("dim", -1)
-    d = normalize_dim(-1 if dim is None else dim, len(x))
-    for out in call.outputs:
-        if out is None or len(out) != len(x):
-            continue
-        equal_or_freeze(eqs, x, out, (d,))
-
-
 RULES_BY_NAME = {
     **dict.fromkeys(
         (
             "sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "aminmax", "max", "min",
             "argmax", "argmin", "var", "std", "var_mean", "std_mean", "logsumexp", "norm",
             "linalg_vector_norm", "any", "all", "count_nonzero", "median", "nanmedian", "mode",
+            "kthvalue",
         ),
         reduction,
     ),
-    **dict.fromkeys(("sort", "argsort", "topk", "kthvalue", "cummax", "cummin", "msort"), reorder),
 }  # fmt: skip

@@ -360,17 +360,6 @@ def edge_pad(eqs: AxisEquations, call: OpCall) -> None:
     equal_or_freeze(eqs, src, out, range(len(src) - padded, len(src)))
 
 
-def flip(eqs: AxisEquations, call: OpCall) -> None:
-    """Reversed or rolled dims cannot be cut consistently: frozen; other dims equal."""
-    src, out = call.args[0], call.outputs[0]
-    dims = call.arg("dims")
-    if not dims:
-        freeze_all(eqs, call)
-        return
-    moved = {normalize_dim(d, len(src)) for d in dims}
-    equal_or_freeze(eqs, src, out, moved)
-
-
 def unfold(eqs: AxisEquations, call: OpCall) -> None:
     """Sliding windows along ``dimension``: that dim and the window dim are frozen."""
     src, out = call.args[0], call.outputs[0]
@@ -473,8 +462,6 @@ RULES_BY_NAME = {
         ),
         edge_pad,
     ),
-    "flip": flip,
-    "roll": flip,
     "unfold": unfold,
     "glu": glu,
     "pixel_shuffle": pixel_shuffle,
