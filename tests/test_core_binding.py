@@ -319,37 +319,30 @@ def test_duplicate_param_dim_row():
 
 
 @pytest.mark.parametrize("name", ARG_NAMES)
-def test_float_array_is_a_type_error(name):
+def test_float_array_names_the_argument(name):
     arrays = base_arrays()
     arrays[name] = arrays[name].astype(np.float64)
-    with pytest.raises(TypeError, match="from=float64, to=int64"):
+    with pytest.raises(
+        InvalidEquationsError,
+        match=rf"argument '{name}' must be a 1-d int64 numpy array .*got a 1-d float64 array",
+    ):
         _core.analyze(**arrays)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint64, np.bool_])
-def test_other_integer_dtypes_are_type_errors(dtype):
+def test_other_integer_dtypes_are_refused(dtype):
     arrays = base_arrays()
     arrays["row_axes"] = arrays["row_axes"].astype(dtype)
-    with pytest.raises(TypeError, match="type mismatch"):
+    with pytest.raises(InvalidEquationsError, match=rf"'row_axes' .*got a 1-d {np.dtype(dtype)}"):
         _core.analyze(**arrays)
 
 
-def test_list_and_2d_arrays_are_type_errors():
+def test_list_and_2d_arrays_are_refused():
     arrays = base_arrays()
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidEquationsError, match=r"'axis_sizes' .*got list"):
         _core.analyze(**{**arrays, "axis_sizes": [6, 2, 3, 4]})
-    with pytest.raises(TypeError, match="dimensionality mismatch"):
+    with pytest.raises(InvalidEquationsError, match=r"'axis_sizes' .*got a 2-d int64 array"):
         _core.analyze(**{**arrays, "axis_sizes": arrays["axis_sizes"].reshape(2, 2)})
-
-
-@pytest.mark.parametrize("name", ARG_NAMES)
-def test_dtype_error_names_the_argument_in_a_note(name):
-    # The message is numpy's; pyo3 adds the argument as a note the traceback shows.
-    arrays = base_arrays()
-    arrays[name] = arrays[name].astype(np.float64)
-    with pytest.raises(TypeError) as info:
-        _core.analyze(**arrays)
-    assert f"'{name}'" in " ".join(getattr(info.value, "__notes__", []))
 
 
 @pytest.mark.parametrize("name", ARG_NAMES)
@@ -392,7 +385,7 @@ def test_non_contiguous_array_is_not_reported_as_internal_error():
         analysis = _core.analyze(**arrays)
     except InternalError:
         raise
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # ValueError: also the DeppruneError argument errors
         return
     assert analysis.group_sizes().tolist() == [2, 3]
 
@@ -426,9 +419,9 @@ def test_keep_mask_length_is_checked_without_rows():
 
 def test_keep_mask_must_be_uint8():
     a = analyze()
-    with pytest.raises(TypeError, match="to=uint8"):
+    with pytest.raises(InvalidPlanError, match=r"'keep' must be a 1-d uint8 .*got a 1-d int64"):
         a.kept_indices(np.ones(5, dtype=np.int64))
-    with pytest.raises(TypeError, match="to=uint8"):
+    with pytest.raises(InvalidPlanError, match=r"'keep' must be a 1-d uint8 .*got a 1-d bool"):
         a.kept_indices(np.ones(5, dtype=bool))
 
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from depprune.errors import InvalidEquationsError
+
 if TYPE_CHECKING:
     from depprune.graph import DependencyGraph
 
@@ -83,16 +85,21 @@ class AxisEquations:
 
     def freeze(self, axis: int) -> None:
         """Never prune any element of ``axis`` (model inputs, outputs, unknown ops)."""
-        self.frozen_axes.append(int(axis))
+        self.frozen_axes.append(axis)
 
     def param(self, name: str, dim: int, axis: int) -> None:
         """Dim ``dim`` of parameter (or buffer) ``name`` lies along ``axis``."""
+        if not isinstance(name, str):
+            raise InvalidEquationsError(
+                f"a parameter name must be a str (as model.named_parameters() gives); got "
+                f"{type(name).__name__} {name!r}"
+            )
         index = self._param_index.setdefault(name, len(self.param_names))
         if index == len(self.param_names):
             self.param_names.append(name)
         self.row_params.append(index)
-        self.row_dims.append(int(dim))
-        self.row_axes.append(int(axis))
+        self.row_dims.append(dim)
+        self.row_axes.append(axis)
 
     @property
     def num_axes(self) -> int:
@@ -103,21 +110,28 @@ class AxisEquations:
         return len(self.kinds)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The flat int64 arrays the core takes, by argument name."""
+        """The flat int64 arrays the core takes, by argument name.
 
-        def flat(values: list[int]) -> np.ndarray:
-            return np.asarray(values, dtype=np.int64)
+        Every size, id and dim is checked to be an integer here, once for the
+        whole set (the appends above stay plain for the tracer's hot path).
 
+        >>> eqs = AxisEquations()
+        >>> eqs.param("w", 0, eqs.axis(2.7))
+        >>> eqs.arrays()
+        Traceback (most recent call last):
+        ...
+        depprune.errors.InvalidEquationsError: axis_sizes[0] is 2.7 (float); axis sizes, ids and dims must be integers in int64 range
+        """
         return {
-            "axis_sizes": flat(self.axis_sizes),
-            "eq_kinds": flat(self.kinds),
-            "eq_left": flat(self.lefts),
-            "eq_right_offsets": flat(self.right_offsets),
-            "eq_right": flat(self.rights),
-            "frozen_axes": flat(self.frozen_axes),
-            "row_params": flat(self.row_params),
-            "row_dims": flat(self.row_dims),
-            "row_axes": flat(self.row_axes),
+            "axis_sizes": _int64_array(self.axis_sizes, "axis_sizes"),
+            "eq_kinds": _int64_array(self.kinds, "eq_kinds"),
+            "eq_left": _int64_array(self.lefts, "eq_left"),
+            "eq_right_offsets": _int64_array(self.right_offsets, "eq_right_offsets"),
+            "eq_right": _int64_array(self.rights, "eq_right"),
+            "frozen_axes": _int64_array(self.frozen_axes, "frozen_axes"),
+            "row_params": _int64_array(self.row_params, "row_params"),
+            "row_dims": _int64_array(self.row_dims, "row_dims"),
+            "row_axes": _int64_array(self.row_axes, "row_axes"),
         }
 
     def solve(self) -> DependencyGraph:
@@ -125,3 +139,35 @@ class AxisEquations:
         from depprune.graph import DependencyGraph
 
         return DependencyGraph.from_equations(self)
+
+
+def _int64_array(values: list, name: str) -> np.ndarray:
+    """``values`` as an int64 array, or InvalidEquationsError naming the first non-integer.
+
+    One vectorised conversion: numpy infers int64 for a list of ints, and any
+    float, str, None, bool-only or out-of-range value shows in the inferred
+    dtype, so the common case costs what ``np.asarray(values, np.int64)`` does.
+    """
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError, OverflowError):
+        array = None  # ragged nesting: find the culprit below
+    if array is not None and array.ndim == 1 and array.dtype == np.int64:
+        return array
+    if array is not None and array.ndim == 1 and array.dtype.kind in "iu":
+        info = np.iinfo(np.int64)
+        if array.size == 0 or (array.min() >= info.min and array.max() <= info.max):
+            return array.astype(np.int64)
+    for position, value in enumerate(values):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, np.integer))
+            or not -(2**63) <= int(value) < 2**63
+        ):
+            raise InvalidEquationsError(
+                f"{name}[{position}] is {value!r} ({type(value).__name__}); axis sizes, ids and "
+                "dims must be integers in int64 range"
+            )
+    return np.asarray(values, dtype=np.int64)  # pragma: no cover (a mix numpy could not infer)

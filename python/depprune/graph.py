@@ -28,7 +28,7 @@ import numpy as np
 
 from depprune import _core
 from depprune.equations import AxisEquations
-from depprune.errors import InvalidEquationsError, InvalidPlanError
+from depprune.errors import InvalidEquationsError, InvalidPlanError, ResourceError
 
 __all__ = ["DependencyGraph", "Group", "GroupList"]
 
@@ -86,6 +86,17 @@ def _as_keep_mask(mask: np.ndarray) -> np.ndarray:
         )
     # Compare rather than cast: a cast to uint8 would turn 256 into 0 (removed).
     return np.ascontiguousarray(mask if mask.dtype == np.uint8 else mask != 0, dtype=np.uint8)
+
+
+def _allocated(make, *args):
+    """``make(*args)``, with numpy running out of memory raised as ResourceError."""
+    try:
+        return make(*args)
+    except MemoryError as exc:
+        raise ResourceError(
+            f"a keep mask of this graph needs more memory than the machine has ({exc}); "
+            "the axis sizes in the equations are likely wrong"
+        ) from None
 
 
 def _with_param_name(err: InvalidEquationsError, equations: AxisEquations) -> Exception:
@@ -147,6 +158,10 @@ class DependencyGraph:
         Raises :class:`~depprune.InvalidEquationsError` naming the bad row
         (and, for a parameter row, the parameter's name).
         """
+        if not isinstance(equations, AxisEquations):
+            raise InvalidEquationsError(
+                f"from_equations takes an AxisEquations; got {type(equations).__name__}"
+            )
         try:
             analysis = _core.analyze(**equations.arrays())
         except InvalidEquationsError as err:
@@ -200,10 +215,21 @@ class DependencyGraph:
         >>> depprune.trace(model, torch.zeros(1, 2)).keep_mask({0: [1]}).tolist()
         [1, 0, 1]
         """
-        keep = np.ones(self.num_units, dtype=np.uint8)
+        if not isinstance(removed, Mapping):
+            raise InvalidPlanError(
+                f"removed must map a group (or its index) to the unit ids to remove, e.g. "
+                f"{{0: [1, 3]}}; got {type(removed).__name__}"
+            )
+        keep = _allocated(np.ones, self.num_units, np.uint8)
         for key, ids in removed.items():
             g = self._group(key)
-            units = np.asarray(ids).reshape(-1)
+            try:
+                units = np.asarray(ids).reshape(-1)
+            except (TypeError, ValueError) as exc:
+                raise InvalidPlanError(
+                    f"group {g.index}: unit ids must be a flat list or array of integers; "
+                    f"got {type(ids).__name__} ({exc})"
+                ) from None
             if units.size and units.dtype.kind not in "iu":
                 raise InvalidPlanError(
                     f"group {g.index}: unit ids must be integers; got {units.dtype} values "
@@ -234,9 +260,19 @@ class DependencyGraph:
         [0, 2]
         """
         if isinstance(removed, np.ndarray):
-            keep = _as_keep_mask(removed)
-        else:
+            if removed.size != self.num_units:
+                raise InvalidPlanError(
+                    f"the keep mask has {removed.size} entries but the groups have "
+                    f"{self.num_units} units in all"
+                )
+            keep = _allocated(_as_keep_mask, removed)
+        elif isinstance(removed, Mapping):
             keep = self.keep_mask(removed)
+        else:
+            raise InvalidPlanError(
+                f"removed must be a mapping {{group: unit ids to remove}} or a keep mask "
+                f"(a 1-d numpy array, one entry per unit); got {type(removed).__name__}"
+            )
         offsets, indices = self._analysis.kept_indices(keep)
         return {
             key: indices[offsets[row] : offsets[row + 1]] for row, key in enumerate(self._row_keys)
@@ -246,7 +282,7 @@ class DependencyGraph:
         """The axis id that parameter dim ``(name, dim)`` lies on."""
         try:
             return self._row_axes[self._row_of[(name, dim)]]
-        except KeyError:
+        except (KeyError, TypeError):
             raise InvalidPlanError(
                 f"{name}[{dim}] is not a parameter dim of this graph; "
                 f"known parameters: {', '.join(self.param_names[:5])}"

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from depprune.apply import named_tensors
+from depprune.apply import masked_tensors, named_tensors
 from depprune.errors import ImportanceError
 from depprune.graph import DependencyGraph, Group
 from depprune.tracer import split_inputs
@@ -78,6 +78,16 @@ class ScoreContext:
         named = named_tensors(model)
         tensors = {name: getattr(module, attr) for name, (module, attr, _) in named.items()}
         owners = {name: module for name, (module, _, _) in named.items()}
+        for module_name, _, tensor_name in masked_tensors(model):
+            # torch.nn.utils.prune: the forward uses weight_orig * weight_mask, so score that.
+            name = f"{module_name}.{tensor_name}_orig" if module_name else f"{tensor_name}_orig"
+            original = tensors[name]
+            effective = nn.Parameter(
+                original.detach() * tensors[name[: -len("_orig")] + "_mask"],
+                requires_grad=original.requires_grad,
+            )
+            effective.grad = original.grad  # already masked by the product's backward
+            tensors[name] = effective
         return cls(graph, tensors, owners)
 
 
@@ -383,9 +393,24 @@ def score_groups(
     >>> {k: v.shape for k, v in score_groups(graph.groups, magnitude(), ctx).items()}
     {0: torch.Size([3])}
     """
+    if not callable(importance):
+        raise ImportanceError(
+            f"importance must be a callable (group, ctx) -> tensor, such as "
+            f"depprune.importance.magnitude(); got {type(importance).__name__} {importance!r}"
+        )
     result = {}
     for group in tqdm(groups, desc="scoring groups", disable=_quiet(progress), leave=False):
-        scores = importance(group, ctx)
+        try:
+            scores = importance(group, ctx)
+        except ImportanceError:
+            raise
+        except Exception as exc:
+            name = getattr(importance, "__name__", type(importance).__name__)
+            raise ImportanceError(
+                f"importance {name} failed on group {group.index} ({type(exc).__name__}: "
+                f"{exc}); it is called as importance(group, ctx) and must return one score "
+                "per unit"
+            ) from exc
         if not isinstance(scores, torch.Tensor) or scores.shape != (group.size,):
             raise ImportanceError(
                 f"importance returned {getattr(scores, 'shape', type(scores))} for group "

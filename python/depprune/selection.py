@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from depprune.errors import SelectionError
+from depprune.errors import SelectionError, TraceError
 from depprune.graph import DependencyGraph, Group
 
 __all__ = [
@@ -80,6 +80,8 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 
 def _scope_prefixes(model: nn.Module, scope: Scope, names: Mapping[int, str]) -> tuple[str, ...]:
     modules = scope if isinstance(scope, tuple) else (scope,)
+    if not modules:
+        raise SelectionError("an empty tuple given in ratios holds no module; name modules")
     prefixes = []
     for module in modules:
         if id(module) not in names:
@@ -115,11 +117,18 @@ def check_ratios(
     ...
     depprune.errors.SelectionError: ratio is 1.5; a ratio is the fraction of units to remove, in [0, 1)
     """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"the model must be an nn.Module; got {type(model).__name__}")
     _check_ratio(ratio, "ratio")
     if not isinstance(min_units, int) or min_units < 1:
         raise SelectionError(f"min_units is {min_units!r}; every group must keep at least 1 unit")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise SelectionError(f"round_to is {round_to!r}; it must be a positive unit count")
+    if ratios is not None and not isinstance(ratios, Mapping):
+        raise SelectionError(
+            f"ratios must map a module (or a tuple of modules) to its ratio, e.g. "
+            f"{{model.layer1: 0.3}}; got {type(ratios).__name__}"
+        )
     names = _module_names(model)
     if ignored:
         _scope_prefixes(model, tuple(ignored), names)
@@ -251,17 +260,20 @@ def _select_global(
     return result
 
 
-def layer_role(group: Group) -> tuple[str, int, int, str]:
-    """What a group is in its layer: its first member with layer numbers blanked, and size.
+def layer_role(group: Group) -> tuple:
+    """What a group is in its layer: its members with layer numbers blanked, and its size.
 
     Groups with the same role in different layers (every layer's KV heads)
-    must keep the same number of units for one config to describe them.
+    must keep the same number of units for one config to describe them; two
+    groups of one layer (KV heads, and query heads per KV head) differ in
+    their members.
 
     >>> layer_role(Group(0, 8, (("model.layers.3.mlp.up_proj.weight", 0),), 0, "neurons"))
-    ('model.layers.#.mlp.up_proj.weight', 0, 8, 'neurons')
+    ('model.layers.#.mlp.up_proj.weight', 0, 8, 'neurons', (('model.layers.#.mlp.up_proj.weight', 0),))
     """
     name, dim = group.members[0]
-    return (_LAYER_NUMBER.sub(".#.", name), dim, group.size, group.kind)
+    members = tuple((_LAYER_NUMBER.sub(".#.", n), d) for n, d in group.members)
+    return (_LAYER_NUMBER.sub(".#.", name), dim, group.size, group.kind, members)
 
 
 _LAYER_NUMBER = re.compile(r"\.\d+\.")

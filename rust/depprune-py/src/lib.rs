@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use depprune_core::{CoreError, EquationSet, ParamTable};
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
@@ -43,12 +43,7 @@ impl From<DeppruneErr> for PyErr {
         };
         let message = err.0.to_string();
         Python::attach(|py| {
-            let raised = py
-                .import("depprune.errors")
-                .and_then(|module| module.getattr(class))
-                .and_then(|cls| Ok(cls.cast_into()?))
-                .map(|cls| PyErr::from_type(cls, message.clone()))
-                .unwrap_or_else(|_| PyRuntimeError::new_err(message));
+            let raised = depprune_error(py, class, message);
             if let Some(row) = row {
                 // Best effort: the message already names the row.
                 let _ = raised.value(py).setattr("row", row);
@@ -56,6 +51,43 @@ impl From<DeppruneErr> for PyErr {
             raised
         })
     }
+}
+
+/// An exception of class `class` from `depprune.errors` (RuntimeError if that fails).
+fn depprune_error(py: Python<'_>, class: &str, message: String) -> PyErr {
+    py.import("depprune.errors")
+        .and_then(|module| module.getattr(class))
+        .and_then(|cls| Ok(cls.cast_into()?))
+        .map(|cls| PyErr::from_type(cls, message.clone()))
+        .unwrap_or_else(|_| PyRuntimeError::new_err(message))
+}
+
+/// Argument `name` as a 1-d numpy array of `T`, or `class` (a `depprune.errors`
+/// name) saying which argument was wrong and what it was, never a bare TypeError.
+fn array_arg<'py, T: numpy::Element>(
+    value: &Bound<'py, PyAny>,
+    name: &str,
+    class: &str,
+) -> PyResult<PyReadonlyArray1<'py, T>> {
+    if let Ok(array) = value.cast::<PyArray1<T>>() {
+        if let Ok(readonly) = array.try_readonly() {
+            return Ok(readonly);
+        }
+    }
+    let py = value.py();
+    let got = match (value.getattr("ndim"), value.getattr("dtype")) {
+        (Ok(ndim), Ok(dtype)) => format!("a {ndim}-d {dtype} array"),
+        _ => format!("{}", value.get_type().name()?),
+    };
+    let wanted = T::get_dtype(py).to_string();
+    Err(depprune_error(
+        py,
+        class,
+        format!(
+            "argument '{name}' must be a 1-d {wanted} numpy array \
+             (np.ascontiguousarray(x, dtype=np.{wanted})); got {got}"
+        ),
+    ))
 }
 
 /// A numpy argument as a slice: borrowed when contiguous, else copied.
@@ -144,8 +176,9 @@ mod _core {
         fn unit_maps<'py>(
             &self,
             py: Python<'py>,
-            groups: PyReadonlyArray1<'py, i64>,
+            groups: &Bound<'py, PyAny>,
         ) -> PyResult<Csr<'py>> {
+            let groups = array_arg::<i64>(groups, "groups", "InvalidPlanError")?;
             let groups = slice(&groups);
             let (offsets, values) = run_core(py, || self.inner.unit_maps(&groups))?;
             Ok((offsets.into_pyarray(py), values.into_pyarray(py)))
@@ -155,8 +188,9 @@ mod _core {
         fn kept_indices<'py>(
             &self,
             py: Python<'py>,
-            keep: PyReadonlyArray1<'py, u8>,
+            keep: &Bound<'py, PyAny>,
         ) -> PyResult<Csr<'py>> {
+            let keep = array_arg::<u8>(keep, "keep", "InvalidPlanError")?;
             let keep = slice(&keep);
             let (offsets, indices) = run_core(py, || self.inner.kept_indices(&keep))?;
             Ok((offsets.into_pyarray(py), indices.into_pyarray(py)))
@@ -167,8 +201,9 @@ mod _core {
             &self,
             py: Python<'py>,
             axis: i64,
-            keep: PyReadonlyArray1<'py, u8>,
+            keep: &Bound<'py, PyAny>,
         ) -> PyResult<Bound<'py, PyArray1<u8>>> {
+            let keep = array_arg::<u8>(keep, "keep", "InvalidPlanError")?;
             let keep = slice(&keep);
             let mask = run_core(py, || self.inner.kept_mask_of_axis(axis, &keep))?;
             Ok(mask.into_pyarray(py))
@@ -178,8 +213,9 @@ mod _core {
         fn kept_sizes<'py>(
             &self,
             py: Python<'py>,
-            keep: PyReadonlyArray1<'py, u8>,
+            keep: &Bound<'py, PyAny>,
         ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+            let keep = array_arg::<u8>(keep, "keep", "InvalidPlanError")?;
             let keep = slice(&keep);
             let sizes = run_core(py, || self.inner.kept_sizes(&keep))?;
             Ok(sizes.into_pyarray(py))
@@ -189,8 +225,9 @@ mod _core {
         fn groups_of_axes<'py>(
             &self,
             py: Python<'py>,
-            axes: PyReadonlyArray1<'py, i64>,
+            axes: &Bound<'py, PyAny>,
         ) -> PyResult<Csr<'py>> {
+            let axes = array_arg::<i64>(axes, "axes", "InvalidPlanError")?;
             let axes = slice(&axes);
             let (offsets, groups) = run_core(py, || self.inner.groups_of_axes(&axes))?;
             Ok((offsets.into_pyarray(py), groups.into_pyarray(py)))
@@ -207,16 +244,32 @@ mod _core {
     #[allow(clippy::too_many_arguments)]
     fn analyze<'py>(
         py: Python<'py>,
-        axis_sizes: PyReadonlyArray1<'py, i64>,
-        eq_kinds: PyReadonlyArray1<'py, i64>,
-        eq_left: PyReadonlyArray1<'py, i64>,
-        eq_right_offsets: PyReadonlyArray1<'py, i64>,
-        eq_right: PyReadonlyArray1<'py, i64>,
-        frozen_axes: PyReadonlyArray1<'py, i64>,
-        row_params: PyReadonlyArray1<'py, i64>,
-        row_dims: PyReadonlyArray1<'py, i64>,
-        row_axes: PyReadonlyArray1<'py, i64>,
+        axis_sizes: &Bound<'py, PyAny>,
+        eq_kinds: &Bound<'py, PyAny>,
+        eq_left: &Bound<'py, PyAny>,
+        eq_right_offsets: &Bound<'py, PyAny>,
+        eq_right: &Bound<'py, PyAny>,
+        frozen_axes: &Bound<'py, PyAny>,
+        row_params: &Bound<'py, PyAny>,
+        row_dims: &Bound<'py, PyAny>,
+        row_axes: &Bound<'py, PyAny>,
     ) -> PyResult<Analysis> {
+        let arg = |value, name| array_arg::<i64>(value, name, "InvalidEquationsError");
+        let (axis_sizes, eq_kinds, eq_left) = (
+            arg(axis_sizes, "axis_sizes")?,
+            arg(eq_kinds, "eq_kinds")?,
+            arg(eq_left, "eq_left")?,
+        );
+        let (eq_right_offsets, eq_right, frozen_axes) = (
+            arg(eq_right_offsets, "eq_right_offsets")?,
+            arg(eq_right, "eq_right")?,
+            arg(frozen_axes, "frozen_axes")?,
+        );
+        let (row_params, row_dims, row_axes) = (
+            arg(row_params, "row_params")?,
+            arg(row_dims, "row_dims")?,
+            arg(row_axes, "row_axes")?,
+        );
         let (axis_sizes, eq_kinds, eq_left) =
             (slice(&axis_sizes), slice(&eq_kinds), slice(&eq_left));
         let (eq_right_offsets, eq_right, frozen_axes) = (
