@@ -81,8 +81,33 @@ def outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+def constant_outputs(tensors: list[torch.Tensor]) -> list[int]:
+    """Positions of the outputs whose elements are all equal (a comparison of them cannot fail).
+
+    Float outputs only: integer outputs (token ids, labels) may be constant on purpose.
+    """
+    return [
+        i
+        for i, t in enumerate(tensors)
+        if t.is_floating_point() and t.numel() > 1 and bool((t == t.reshape(-1)[0]).all())
+    ]
+
+
+def assert_informative(expected: list[torch.Tensor]) -> None:
+    """Refuse a reference output that is constant (a zero-initialised head, say)."""
+    assert expected, "the model returned no tensor to compare"
+    constant = constant_outputs(expected)
+    assert not constant, (
+        f"reference output(s) {constant} are constant "
+        f"(every element {expected[constant[0]].reshape(-1)[0].item()!r}), so comparing "
+        "them cannot fail; give the model a non-zero head (e.g. a seeded normal init)"
+    )
+
+
 def assert_same_outputs(expected: list[torch.Tensor], got: list[torch.Tensor], atol=1e-4):
+    """Same shapes and values, and the reference is not constant (that would prove nothing)."""
     assert len(expected) == len(got)
+    assert_informative(expected)
     for e, g in zip(expected, got, strict=True):
         assert e.shape == g.shape, f"output shape {tuple(g.shape)} != {tuple(e.shape)}"
         torch.testing.assert_close(g, e, atol=atol, rtol=1e-4)

@@ -16,6 +16,7 @@ MODULES = [
     "depprune.kinds",
     "depprune.api",
     "depprune.apply",
+    "depprune.optimizer_state",
     "depprune.plan",
     "depprune.selection",
     "depprune.importance",
@@ -28,6 +29,9 @@ MODULES = [
     "depprune.rules.nn",
     "depprune.rules.reduce",
     "depprune.rules.shape",
+    "depprune.rules.position",
+    "depprune.shadow",
+    "depprune.verify",
 ]
 
 

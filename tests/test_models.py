@@ -92,6 +92,18 @@ def small_vgg():
     return model
 
 
+def nonzero_head(model: nn.Module, head: str, seed: int = 0) -> nn.Module:
+    """``model`` with its zero-initialised classifier ``head`` re-drawn from a seeded normal.
+
+    A zero head makes every output zero, and an oracle comparing zeros cannot fail.
+    """
+    layer = model.get_submodule(head)
+    with torch.no_grad():
+        weight = torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(seed))
+        layer.weight.copy_(weight * 0.02)
+    return model
+
+
 TORCHVISION = {
     "resnet18": lambda: tv.resnet18(num_classes=10),
     "resnet50": lambda: tv.resnet50(num_classes=10),
@@ -103,14 +115,18 @@ TORCHVISION = {
     "resnext50_32x4d": lambda: tv.resnext50_32x4d(num_classes=10),
     "convnext_tiny": lambda: tv.convnext_tiny(num_classes=10),
     "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
-    "vit_b_16": lambda: tv.VisionTransformer(
-        image_size=64,
-        patch_size=16,
-        num_layers=2,
-        num_heads=4,
-        hidden_dim=64,
-        mlp_dim=128,
-        num_classes=10,
+    # torchvision zero-initialises the ViT head.
+    "vit_b_16": lambda: nonzero_head(
+        tv.VisionTransformer(
+            image_size=64,
+            patch_size=16,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=64,
+            mlp_dim=128,
+            num_classes=10,
+        ),
+        "heads.head",
     ),
 }
 
@@ -124,14 +140,20 @@ def test_torchvision_model(name):
 
 
 class AttentionBlock(nn.Module):
+    """Projections in and out, so embed_dim (32) is not the frozen input width (16) and
+    the attention's heads can be cut."""
+
     def __init__(self):
         super().__init__()
-        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.embed = nn.Linear(16, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 16)
 
     def forward(self, x):
+        x = self.embed(x)
         x = x + self.attn(x, x, x, need_weights=False)[0]
-        return x + self.mlp(x)
+        return self.head(x + self.mlp(x))
 
 
 def test_lstm_model():
@@ -139,8 +161,16 @@ def test_lstm_model():
     check_pruning(seeded(LSTMClassifier), tokens)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="depprune bug: cutting nn.MultiheadAttention heads leaves num_heads at 4 "
+    "(embed_dim 8, head_dim 2 instead of 2 heads of 4), so the pruned output is silently wrong",
+)
 def test_multihead_attention_model():
-    check_pruning(seeded(AttentionBlock), torch.randn(2, 5, 16))
+    graph, pruned = check_pruning(seeded(AttentionBlock), torch.randn(2, 5, 16))
+    assert "heads" in {g.kind for g in graph.groups}
+    assert pruned.attn.num_heads == 2
+    assert pruned.attn.embed_dim == pruned.attn.num_heads * pruned.attn.head_dim
 
 
 # -- Hugging Face transformers ----------------------------------------------------
@@ -231,11 +261,25 @@ def test_transformers_round_trip(name, tmp_path, recwarn):
     config = model.config
     assert config.hidden_size == (32 if name in EMBED_SCALED else 16)
     assert config.intermediate_size == 32
-    assert config.num_key_value_heads == 1 and config.num_attention_heads == 1
+    # Half the query heads: KV heads halve, queries per KV head stay (a ratio is of the width).
+    assert config.num_key_value_heads == 1 and config.num_attention_heads == 2
     model.save_pretrained(tmp_path)
     # The loading path users take: the auto class reads the pruned config.
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded) is type(model)
+    assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(set(HF) - HEAD_DIM_FROM_HIDDEN))
+def test_default_prune_reloads_exactly(name, tmp_path, recwarn):
+    """Default kinds keep only what the config can express: the checkpoint reloads exactly."""
+    model = seeded(HF[name])().eval()
+    report = depprune.prune(model, {"input_ids": TOKENS}, ratio=0.5)
+    assert not [w for w in recwarn if "config" in str(w.message)]
+    assert report.params_after < report.params_before
+    assert "head_dim" not in {g.kind for g in report.plan.groups if g.kept < g.size}
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
 
 

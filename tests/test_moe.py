@@ -212,7 +212,8 @@ def test_prune_round_trips_through_save_pretrained(family, tmp_path, recwarn):
     }
     config = model.config
     assert config.hidden_size == 16
-    assert config.num_attention_heads == 1 and config.num_key_value_heads == 1
+    # Half the query heads: one KV head of two, with its two query heads.
+    assert config.num_attention_heads == 2 and config.num_key_value_heads == 1
     for field in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if field in fields:
             assert getattr(config, field) == fields[field] // 2, field
@@ -241,12 +242,18 @@ def test_pruned_meta_plan_applies_to_the_real_model():
     assert real(TOKENS).logits.shape == (2, 7, 100)
 
 
-def test_sizes_grouped_mm_cannot_run_switch_to_the_eager_loop():
+def test_sizes_grouped_mm_cannot_run_are_kept_whole_and_round_to_keeps_grouped_mm():
+    # The eager expert loop computes the same function with other ops, which the replay
+    # cannot prove; so sizes grouped_mm rejects keep their group whole, with the reason.
     model = make("mixtral")
+    report = depprune.prune(model, {"input_ids": TOKENS}, ratio=0.3, kinds=("hidden", "neurons"))
     assert model.config._experts_implementation == "grouped_mm"
-    with pytest.warns(UserWarning, match="experts_implementation='eager'"):
-        depprune.prune(model, {"input_ids": TOKENS}, ratio=0.3, kinds=("hidden", "neurons"))
-    assert model.config.hidden_size % 4 and model.config._experts_implementation == "eager"
+    assert any("model.layers.0.mlp.experts" in reason for reason in report.kept_whole)
+    assert model(TOKENS).logits.shape == (2, 7, 100)
+    # Multiples of 4 (fp32) are what grouped_mm runs: then everything is cut.
+    model = make("mixtral")
+    depprune.prune(model, {"input_ids": TOKENS}, ratio=0.3, kinds=("hidden", "neurons"), round_to=4)
+    assert model.config.hidden_size == 24 and model.config._experts_implementation == "grouped_mm"
     assert model(TOKENS).logits.shape == (2, 7, 100)
 
 

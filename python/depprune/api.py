@@ -16,22 +16,27 @@ group  kind              units  first member
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from depprune._gc import paused_gc
-from depprune.errors import InternalError, SelectionError, TraceError
+from depprune.errors import PlanMismatchError, SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
 from depprune.kinds import KINDS, group_kinds, params_per_unit
+from depprune.optimizer_state import checked_optimizers
 from depprune.plan import GroupChoice, Plan
-from depprune.selection import Scope, check_ratios, select, uneven_roles
+from depprune.selection import Scope, check_ratios, layer_role, select, uneven_roles
+from depprune.shadow import input_spec, meta_shadow
 from depprune.tracer import model_inputs, record, running_stats_kept
+from depprune.verify import prove
 
 __all__ = ["PruneReport", "make_plan", "prune", "trace"]
 
@@ -57,10 +62,13 @@ def trace(
     [('neurons', 8, 7)]
     """
     with paused_gc():
-        result = record(model, example_inputs, ignored=tuple(ignored), strict=strict)
+        result = record(model, example_inputs, ignored=_ignored_modules(ignored), strict=strict)
         graph = result.equations.solve()
         graph.unsupported_ops = result.unsupported_ops
         graph.notes = result.notes
+        # What a plan's replay needs: the recorded ops and the inputs they came from.
+        graph.recording = result
+        graph.example_inputs = example_inputs
         if isinstance(model, nn.Module):
             graph.annotate(group_kinds(graph, model), params_per_unit(graph, model))
     return graph
@@ -70,13 +78,31 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one forward pass (matmuls and convolutions); works on meta."""
-    args, kwargs = model_inputs(model, example_inputs)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), running_stats_kept(model), paused_gc(), counter:
-        model(*args, **kwargs)
-    return counter.get_total_flops() // 2
+def _count_macs(model: nn.Module, example_inputs: Any) -> int | None:
+    """Multiply-accumulates of one forward pass (matmuls and convolutions); works on meta.
+
+    None (the report prints "-") when torch's FlopCounterMode cannot count the
+    model: it fails an assertion under ``no_grad`` on some models, so grad mode
+    is tried second, and a counter failure never escapes as the user's error.
+    """
+    try:
+        args, kwargs = model_inputs(model, example_inputs)
+    except Exception:
+        return None
+    for grad in (False, True):
+        counter = FlopCounterMode(display=False)
+        try:
+            with (
+                torch.set_grad_enabled(grad),
+                running_stats_kept(model),
+                paused_gc(),
+                counter,
+            ):
+                model(*args, **kwargs)
+        except Exception:
+            continue
+        return counter.get_total_flops() // 2
+    return None
 
 
 @dataclass
@@ -85,21 +111,28 @@ class PruneReport:
 
     params_before: int
     params_after: int
-    macs_before: int
-    macs_after: int
+    macs_before: int | None
+    macs_after: int | None
     plan: Plan
     unsupported_ops: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The graph that was traced (groups, unit maps), for inspection and oracles.
+    graph: DependencyGraph | None = None
+    #: Groups the replay kept whole, each with the reason (see :mod:`depprune.verify`).
+    kept_whole: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        def ratio(after: int, before: int) -> str:
-            return f"{after / before:.1%}" if before else "-"
+        def ratio(after: int | None, before: int | None) -> str:
+            return f"{after / before:.1%}" if before and after is not None else "-"
+
+        def count(value: int | None) -> str:
+            return "-" if value is None else f"{value:,}"
 
         lines = [
             f"{'':<12}{'before':>16}{'after':>16}{'kept':>8}",
             f"{'parameters':<12}{self.params_before:>16,}{self.params_after:>16,}"
             f"{ratio(self.params_after, self.params_before):>8}",
-            f"{'MACs':<12}{self.macs_before:>16,}{self.macs_after:>16,}"
+            f"{'MACs':<12}{count(self.macs_before):>16}{count(self.macs_after):>16}"
             f"{ratio(self.macs_after, self.macs_before):>8}",
             "",
             f"{'group':>5}  {'kind':<9}{'units':>14}  first member",
@@ -109,12 +142,14 @@ class PruneReport:
                 lines.append(
                     f"{g.index:>5}  {g.kind:<9}{f'{g.size} -> {g.kept}':>14}  {g.first_member}"
                 )
-        untouched = sum(g.kept == g.size for g in self.plan.groups)
+        untouched = sum(g.kept == g.size for g in self.plan.groups) - len(self.kept_whole)
         if untouched:
             lines.append(
                 f"{untouched} group(s) kept whole "
                 "(other kinds, ignored, ratio 0, min_units or round_to)"
             )
+        for reason in self.kept_whole:
+            lines.append(reason)
         if self.unsupported_ops:
             ops = ", ".join(f"{op} x{n}" for op, n in self.unsupported_ops.items())
             lines.append(f"frozen by ops without a rule: {ops}")
@@ -137,6 +172,7 @@ def make_plan(
     uniform: bool | None = None,
     strict: bool = False,
     progress: bool | None = None,
+    verify: bool = True,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
 
@@ -155,13 +191,22 @@ def make_plan(
     config raises :class:`SelectionError` if the selection would not be
     uniform, before anything is changed; ``uniform=False`` allows it.
 
+    The plan is proved before it is returned (:mod:`depprune.verify`): it is
+    applied, with every attribute and config change, to a meta shadow of the
+    model whose forward is replayed against the trace. Groups whose removal
+    the replay refutes (a literal size in a ``view``, a branch on a shape, a
+    tensor created in ``forward``) are kept whole and listed with the reason
+    in ``plan.kept_whole``; ``strict=True`` raises :class:`PlanMismatchError`
+    instead. ``verify=False`` skips the proof (and ``plan.apply`` then proves
+    it).
+
     >>> import torch, depprune
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     >>> plan = depprune.make_plan(model, torch.randn(2, 8), ratio=0.25)
     >>> plan.groups[0].size, plan.groups[0].kept, model[0].out_features
     (16, 12, 16)
     """
-    ignored = tuple(ignored)
+    ignored = _ignored_modules(ignored)
     # Check cheap arguments before the trace, so mistakes fail fast.
     check_ratios(model, ratio, ratios, ignored, round_to, min_units)
     wanted = _check_kinds(kinds)
@@ -178,28 +223,48 @@ def make_plan(
         )
         chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
         scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
-        removed = select(
-            graph,
-            scores,
-            model,
-            ratio=ratio,
-            ratios=ratios,
-            ignored=ignored,
-            round_to=round_to,
-            min_units=min_units,
-            global_ranking=global_ranking,
-            uniform=bool(uniform),
+        has_config = hasattr(getattr(model, "config", None), "to_dict")
+        # A config sizes every layer alike: a group kept whole keeps its role whole.
+        by_role, role_of = (
+            _roles(graph) if uniform or (uniform is None and has_config) else ({}, {})
         )
-        if uniform is None and hasattr(getattr(model, "config", None), "to_dict"):
-            uneven = uneven_roles(graph, removed)
-            if uneven:
-                raise SelectionError(
-                    f"layers would keep different sizes, which {type(model).__name__}'s config "
-                    f"cannot describe, so from_pretrained could not reload the result: "
-                    f"{'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. Pass "
-                    "uniform=True for the same size in every layer (each layer still drops its "
-                    "own weakest units), or uniform=False to prune unevenly anyway"
-                )
+
+        def choose(excluded: set[int]) -> dict[int, np.ndarray]:
+            if role_of:
+                excluded = {m for g in excluded for m in by_role[role_of[g]]}
+            return select(
+                graph,
+                {g: s for g, s in scores.items() if g not in excluded},
+                model,
+                ratio=ratio,
+                ratios=ratios,
+                ignored=ignored,
+                round_to=round_to,
+                min_units=min_units,
+                global_ranking=global_ranking,
+                uniform=bool(uniform),
+            )
+
+        removed = choose(set())
+        if uniform is None and has_config:
+            _check_even(model, graph, removed)
+        reasons: dict[int, str] = {}
+        if verify and getattr(graph, "recording", None) is not None:
+            # Default kinds promise a config that reloads exactly; explicit kinds only warn.
+            removed, reasons = prove(
+                model,
+                graph,
+                removed,
+                choose,
+                strict=strict,
+                exact_config=kinds is None,
+                role_of=role_of.get if role_of else None,
+            )
+        elif verify:
+            raise PlanMismatchError(
+                "make_plan needs a graph from depprune.trace (with its recorded ops) to prove "
+                "the plan; trace again, or pass verify=False"
+            )
         choices = [
             GroupChoice(
                 index=g.index,
@@ -210,7 +275,69 @@ def make_plan(
             )
             for g in graph.groups
         ]
-        return Plan.from_kept(model, graph.kept_indices(removed), choices)
+        plan = Plan.from_kept(model, graph.kept_indices(removed), choices)
+        plan.removed = {g: np.asarray(u, dtype=np.int64) for g, u in removed.items()}
+        plan.kept_whole = {
+            g: f"group {g} ({graph.groups[g].size} {kind_of[g]}, first member "
+            f"{choices[g].first_member}) kept whole: {why}"
+            for g, why in sorted(reasons.items())
+        }
+        for g in sorted(reasons) if role_of else ():
+            for mate in by_role[role_of[g]]:
+                if mate not in plan.kept_whole and choices[mate].kept == choices[mate].size:
+                    plan.kept_whole[mate] = (
+                        f"group {mate} ({graph.groups[mate].size} {kind_of[mate]}, first "
+                        f"member {choices[mate].first_member}) kept whole like group {g}: "
+                        "one config sizes both"
+                    )
+        plan.inputs = input_spec(getattr(graph, "example_inputs", None))
+        if verify:
+            plan.mark_proved(model)
+        return plan
+
+
+def _roles(graph: DependencyGraph) -> tuple[dict[tuple, list[int]], dict[int, tuple]]:
+    """Groups by role, and each group's role: its layer role, and which of the layer's
+    groups with that role it is (a fused qkv's KV heads and queries per KV head share
+    their members)."""
+    role_of: dict[int, tuple] = {}
+    seen: dict[tuple, int] = {}
+    for g in graph.groups:
+        base = layer_role(g)
+        layer = tuple(_LAYER_NUMBER.findall(g.members[0][0]))
+        ordinal = seen.get((base, layer), 0)
+        seen[(base, layer)] = ordinal + 1
+        role_of[g.index] = (base, ordinal)
+    by_role: dict[tuple, list[int]] = {}
+    for g, role in role_of.items():
+        by_role.setdefault(role, []).append(g)
+    return by_role, role_of
+
+
+_LAYER_NUMBER = re.compile(r"\.(\d+)\.")
+
+
+def _check_even(model: nn.Module, graph: DependencyGraph, removed: dict) -> None:
+    uneven = uneven_roles(graph, removed)
+    if uneven:
+        raise SelectionError(
+            f"layers would keep different sizes, which {type(model).__name__}'s config "
+            f"cannot describe, so from_pretrained could not reload the result: "
+            f"{'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. Pass "
+            "uniform=True for the same size in every layer (each layer still drops its "
+            "own weakest units), or uniform=False to prune unevenly anyway"
+        )
+
+
+def _ignored_modules(ignored: Any) -> tuple[nn.Module, ...]:
+    """``ignored`` as a tuple of modules: one module, or an iterable of them."""
+    if isinstance(ignored, nn.Module):
+        return (ignored,)
+    if not isinstance(ignored, Iterable):
+        raise SelectionError(
+            f"ignored must be a module or an iterable of modules; got {type(ignored).__name__}"
+        )
+    return tuple(ignored)
 
 
 def _check_kinds(kinds: Iterable[str] | None) -> frozenset[str]:
@@ -218,6 +345,10 @@ def _check_kinds(kinds: Iterable[str] | None) -> frozenset[str]:
         return frozenset(KINDS)
     if isinstance(kinds, str):
         kinds = (kinds,)
+    if not isinstance(kinds, Iterable) or not all(isinstance(k, str) for k in kinds):
+        raise SelectionError(
+            f"kinds must be kind names such as ('heads', 'neurons'); got {kinds!r}"
+        )
     wanted = frozenset(kinds)
     unknown = sorted(wanted - set(KINDS))
     if not wanted:
@@ -245,12 +376,14 @@ def prune(
     strict: bool = False,
     count_macs: bool = True,
     low_memory: bool = False,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
     progress: bool | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and return a report; on any error it is left as it was.
 
-    :func:`make_plan` then ``plan.apply(model, low_memory=low_memory)``; the
-    report has parameters and MACs (one forward pass each, skipped with
+    :func:`make_plan` then ``plan.apply(model, low_memory=low_memory,
+    optimizers=optimizers)`` (optimizers made before pruning keep training
+    the cut model, their state cut to match); the report has parameters and MACs (one forward pass each, skipped with
     ``count_macs=False``) before and after, and the units each group kept.
     It prints as a table.
 
@@ -261,10 +394,11 @@ def prune(
     >>> report.plan.groups[0].kept, model[1].num_features
     (6, 6)
     """
-    ignored = tuple(ignored)
+    ignored = _ignored_modules(ignored)
     # Check cheap arguments before the trace, so mistakes fail fast.
     check_ratios(model, ratio, ratios, ignored, round_to, min_units)
     _check_kinds(kinds)
+    optimizers = checked_optimizers(optimizers)
     graph = trace(model, example_inputs, ignored=ignored, strict=strict)
     plan = make_plan(
         model,
@@ -278,24 +412,45 @@ def prune(
         global_ranking=global_ranking,
         kinds=kinds,
         uniform=uniform,
+        strict=strict,
         progress=progress,
     )
     params_before = _count_params(model)
-    macs_before = _count_macs(model, example_inputs) if count_macs else 0
-    plan.apply(model, low_memory=low_memory)
-    try:
-        macs_after = _count_macs(model, example_inputs) if count_macs else 0
-    except Exception as exc:
-        raise InternalError(
-            f"the model was pruned, but its forward pass now fails ({type(exc).__name__}: "
-            f"{exc}); this is a depprune bug, please report it with the model's config"
-        ) from exc
+    params_after = plan.params_after(model)
+    macs_before = macs_after = 0
+    if count_macs:
+        # Both counts on meta twins, before the cut: the model's own forward never runs here.
+        macs_before = _macs_on_shadow(model, graph, None)
+        macs_after = _macs_on_shadow(model, graph, plan)
+    plan.apply(model, low_memory=low_memory, optimizers=optimizers)
     return PruneReport(
         params_before=params_before,
-        params_after=_count_params(model),
+        params_after=params_after,
         macs_before=macs_before,
         macs_after=macs_after,
         plan=plan,
         unsupported_ops=dict(graph.unsupported_ops),
         notes=list(graph.notes),
+        graph=graph,
+        kept_whole=list(plan.kept_whole.values()),
     )
+
+
+def _macs_on_shadow(model: nn.Module, graph: DependencyGraph, plan: Plan | None) -> Any:
+    """MACs of the model, or of the plan applied to a twin of it (meta when possible)."""
+    import copy
+    import warnings
+
+    from depprune.apply import apply_kept_indices
+    from depprune.shadow import ShadowError
+
+    on_meta = getattr(graph.recording, "device", "meta") == "meta"
+    try:
+        twin = meta_shadow(model) if on_meta else copy.deepcopy(model)
+    except (ShadowError, Exception):
+        return None
+    if plan is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_kept_indices(twin, plan.kept)
+    return _count_macs(twin, graph.example_inputs)

@@ -22,15 +22,26 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
+from torch.optim import Optimizer
 
-from depprune.errors import PlanMismatchError, ResourceError
+from depprune.errors import ConfigWarning, PlanMismatchError, ResourceError
+from depprune.optimizer_state import (
+    caller_name,
+    check_optimizer_state,
+    checked_optimizers,
+    optimizers_referencing,
+    prepare_remap,
+)
 
 __all__ = ["PlanMismatchError", "apply_kept_indices", "named_tensors"]
 
@@ -138,6 +149,51 @@ def _take_on_cpu(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torc
     return cut.view(tensor.dtype)
 
 
+def masked_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, tensor name) of every torch.nn.utils.prune reparametrisation.
+
+    Such a module holds ``<name>_orig`` (a parameter) and ``<name>_mask`` (a
+    buffer), and a forward pre-hook sets the plain attribute ``<name>`` to
+    their product; cutting both alike keeps the mask working.
+    """
+    found = []
+    for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                found.append((module_name, module, hook._tensor_name))
+    return found
+
+
+def _refuse_parametrized(model: nn.Module, names: list[str]) -> None:
+    """PlanMismatchError if a cut tensor belongs to a torch.nn.utils.parametrize parametrization.
+
+    A parametrization computes the weight from its originals with code the
+    plan cannot see into (orthogonal, spectral norm's power iteration, ...),
+    so a cut original need not give the cut weight.
+    """
+    lists = [
+        (f"{name}." if name else "", module)
+        for name, module in model.named_modules()
+        if isinstance(module, parametrize.ParametrizationList)
+    ]
+    for name in names:
+        for prefix, _ in lists:
+            if name.startswith(prefix):
+                path = prefix[:-1]
+                if path.startswith("parametrizations."):  # the model itself is parametrized
+                    owner, tensor_name = "", path.removeprefix("parametrizations.")
+                else:
+                    owner, _, tensor_name = path.rpartition(".parametrizations.")
+                where = f"model.get_submodule({owner!r})" if owner else "model"
+                raise PlanMismatchError(
+                    f"the plan cuts {name!r}, part of a torch.nn.utils.parametrize "
+                    f"parametrization of {tensor_name!r}, whose computed shape and values "
+                    "depprune cannot prove; call torch.nn.utils.parametrize."
+                    f"remove_parametrizations({where}, {tensor_name!r}) before pruning, then "
+                    "register the parametrization again"
+                )
+
+
 def named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
     """Every parameter and buffer under all its names (tied ones too)."""
     found: dict[str, tuple[nn.Module, str, bool]] = {}
@@ -207,6 +263,7 @@ def _plan_cuts(
             continue
         changed.setdefault(name, {})[dim] = index
         originals[id(tensor)] = tensor
+    _refuse_parametrized(model, list(changed))
     owners: dict[int, list[tuple[nn.Module, str, bool]]] = {key: [] for key in originals}
     for module, attr, is_param in tensors.values():
         key = id(getattr(module, attr))
@@ -242,7 +299,14 @@ class _View:
     def __init__(self, model: nn.Module, cuts: list[_Cut], changed: Mapping) -> None:
         self._tensors = {n: getattr(m, a) for n, (m, a, _) in named_tensors(model).items()}
         self._new_shape = {c.key: c.shape for c in cuts}
-        self.changed = changed
+        self.changed = dict(changed)
+        # A torch.nn.utils.prune weight reads as its weight_orig (same shape, same cuts),
+        # so fixers that look up "weight" see what the forward will compute.
+        for module_name, _, tensor_name in masked_tensors(model):
+            name = f"{module_name}.{tensor_name}" if module_name else tensor_name
+            self._tensors[name] = self._tensors[name + "_orig"]
+            if name + "_orig" in self.changed:
+                self.changed[name] = self.changed[name + "_orig"]
         self.tensors = self._tensors
 
     def old_shape(self, name: str) -> torch.Size:
@@ -621,7 +685,11 @@ def _uniform_config(
 
 def _hidden_width(model: nn.Module, view: _View) -> int | None:
     """The hidden size after the cut, read from the input embedding; None if unknown."""
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    try:
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    except (NotImplementedError, AttributeError):
+        # transformers' PreTrainedModel raises this for models without input embeddings.
+        return None
     names = {id(mod): name for name, mod in model.named_modules()}
     if id(embeddings) not in names:
         return None
@@ -635,20 +703,21 @@ def _hidden_width(model: nn.Module, view: _View) -> int | None:
 
 def _config_warning(why: str, what: str) -> None:
     _warn_at_caller(
-        f"the pruned model runs correctly, but its config cannot fully describe it ({why}); "
+        category=ConfigWarning,
+        message=f"the pruned model runs correctly, but its config cannot fully describe it ({why}); "
         f"{what}. Prune every layer by the same ratio, and heads rather than head_dim "
         "(kinds=('hidden', 'heads', 'neurons')), to keep a config from_pretrained rebuilds "
-        "exactly"
+        "exactly",
     )
 
 
-def _warn_at_caller(message: str) -> None:
+def _warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     """Warn with the location of the first frame outside depprune (the user's call)."""
     package = os.path.dirname(os.path.abspath(__file__))
     level, frame = 2, sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         level, frame = level + 1, frame.f_back
-    warnings.warn(message, UserWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _rebuild_mismatch(
@@ -722,7 +791,13 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
     return changes + fallbacks
 
 
-def apply_kept_indices(model: nn.Module, kept: Kept, *, low_memory: bool = False) -> None:
+def apply_kept_indices(
+    model: nn.Module,
+    kept: Kept,
+    *,
+    low_memory: bool = False,
+    optimizers: Iterable[Optimizer] = (),
+) -> None:
     """Cut every (parameter or buffer, dim) of ``model`` down to its kept indices.
 
     ``kept`` maps ``(name, dim)`` to the indices to keep along that dim (as
@@ -737,6 +812,16 @@ def apply_kept_indices(model: nn.Module, kept: Kept, *, low_memory: bool = False
     largest cut tensor); only running out of memory midway can then leave
     some tensors cut, and it is raised as :class:`ResourceError` naming them.
 
+    ``optimizers`` made before the cut keep training the model: every state
+    tensor of a cut parameter is cut with its indices and the param groups
+    list the new parameter (:mod:`depprune.optimizer_state`). Their new state
+    is built with the new tensors and committed after the last swap, so on
+    any error they are as they were too; with ``low_memory=True`` each
+    parameter's state is cut and repointed right after that parameter is
+    swapped, so the optimizers always match the (maybe partly) cut model.
+    Any other optimizer still holding a cut parameter afterwards gets a
+    warning naming it.
+
     >>> import numpy as np, torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     >>> keep = np.array([1, 3])
@@ -745,13 +830,21 @@ def apply_kept_indices(model: nn.Module, kept: Kept, *, low_memory: bool = False
     >>> model[0], model(torch.zeros(5, 3)).shape
     (Linear(in_features=3, out_features=2, bias=True), torch.Size([5, 2]))
     """
+    optimizers = checked_optimizers(optimizers)
     # Outside inference mode, so the new parameters can still be trained.
     with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
         attribute_changes = _attribute_changes(model, _View(model, cuts, changed))
-        if not low_memory:
+        # Weak: a cut tensor alive after the cut is held elsewhere (maybe by an optimizer).
+        old_tensors = [weakref.ref(cut.current()) for cut in cuts]
+        if low_memory:
+            check_optimizer_state(optimizers, [(cut.current(), cut.dims) for cut in cuts])
+        else:
             for cut in cuts:
                 cut.new = cut.build()
+        swaps = [] if low_memory else [(cut.current(), cut.new, cut.dims) for cut in cuts]
+        remap = prepare_remap(optimizers, swaps)
+        del swaps
     # Nothing above touched the model; from here on only assignments happen, and if
     # one fails (a read-only attribute, a config validator) every earlier one is undone.
     undo: list[tuple[object, str, object, bool]] = []
@@ -765,14 +858,58 @@ def apply_kept_indices(model: nn.Module, kept: Kept, *, low_memory: bool = False
         if not low_memory:
             for cut in cuts:
                 cut.assign(cut.new, undo)
+            where = "a torch.nn.utils.prune mask"
+            _refresh_masked(model, changed, undo)
+            where = "the optimizers' parameters"
+            remap.commit()  # last: it undoes itself if it fails
     except Exception as exc:
         _undo(undo)
         raise PlanMismatchError(
             f"setting {where} failed ({type(exc).__name__}: {exc}); every change was undone, "
             "so the model is as it was"
         ) from exc
+    del undo, remap
     if low_memory:
-        _swap_one_by_one(cuts)
+        _swap_one_by_one(cuts, optimizers)
+        _refresh_masked(model, changed, None)
+    _warn_stale_optimizers(old_tensors)
+
+
+def _warn_stale_optimizers(old_tensors: list[weakref.ref]) -> None:
+    """Warn about each optimizer that still holds tensors the cut replaced."""
+    stale = [tensor for tensor in (ref() for ref in old_tensors) if tensor is not None]
+    if not stale:
+        return  # the common case: no walk over the process's objects
+    for optimizer, count in optimizers_referencing(stale):
+        name = caller_name(optimizer)
+        _warn_at_caller(
+            f"{type(optimizer).__name__} optimizer {name or hex(id(optimizer))!r} still holds "
+            f"{count} {'parameter that was' if count == 1 else 'parameters that were'} cut, so "
+            "it would keep training the old tensors; "
+            f"pass optimizers=[{name or 'optimizer'}] to plan.apply (or depprune.prune) to "
+            "carry its state over, or create the optimizer after pruning"
+        )
+
+
+def _refresh_masked(model: nn.Module, changed: Mapping, undo: list | None) -> None:
+    """Recompute the plain ``weight`` of torch.nn.utils.prune modules whose ``weight_orig`` was cut.
+
+    Their forward pre-hook does the same before every forward; until then the
+    old, uncut product would still sit in the attribute.
+    """
+    for module_name, module, tensor_name in masked_tensors(model):
+        prefix = f"{module_name}." if module_name else ""
+        if prefix + tensor_name + "_orig" not in changed:
+            continue
+        hook = next(
+            h
+            for h in module._forward_pre_hooks.values()
+            if isinstance(h, torch_prune.BasePruningMethod) and h._tensor_name == tensor_name
+        )
+        old = getattr(module, tensor_name, _ABSENT)
+        setattr(module, tensor_name, hook.apply_mask(module))
+        if undo is not None:
+            undo.append((module, tensor_name, old, False))
 
 
 def _undo(undo: list[tuple[object, str, object, bool]]) -> None:
@@ -785,17 +922,22 @@ def _undo(undo: list[tuple[object, str, object, bool]]) -> None:
             setattr(target, attr, old)
 
 
-def _swap_one_by_one(cuts: list[_Cut]) -> None:
+def _swap_one_by_one(cuts: list[_Cut], optimizers: Sequence[Optimizer]) -> None:
     done = 0
     with torch.inference_mode(False), torch.no_grad():
         for cut in cuts:
             try:
                 new = cut.build()
+                # This tensor's optimizer state: built before its swap, put in right after.
+                remap = prepare_remap(optimizers, [(cut.current(), new, cut.dims)])
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 raise ResourceError(
                     f"out of memory while cutting {cut.owners[0][1]!r} of "
                     f"{type(cut.owners[0][0]).__name__} after {done} of {len(cuts)} tensors; "
-                    "the model is partly cut: reload it, free memory and apply again"
+                    "the model (and the optimizers given) are partly cut: reload it, free "
+                    "memory and apply again"
                 ) from exc
             cut.assign(new, None)
+            remap.commit()
+            del remap  # it holds the old tensor: free it before the next cut
             done += 1

@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 __all__ = [
+    "ConfigWarning",
     "DeppruneError",
     "ImportanceError",
     "InternalError",
@@ -60,6 +61,10 @@ class UnsupportedOpError(DeppruneError, NotImplementedError):
 
 class ResourceError(DeppruneError, MemoryError):
     """The work would need more memory than the machine can give (a size too large)."""
+
+
+class ConfigWarning(UserWarning):
+    """The pruned model runs, but its Hugging Face config cannot describe it exactly."""
 
 
 class InternalError(DeppruneError, RuntimeError):

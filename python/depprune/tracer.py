@@ -34,6 +34,7 @@ from depprune.equations import SUM, AxisEquations
 from depprune.errors import DeppruneError, TraceError, UnsupportedOpError
 from depprune.rules import ADOPTERS, rule_for
 from depprune.rules.common import Axes, OpCall, freeze_all
+from depprune.shadow import ShadowError, meta_inputs, meta_shadow
 
 __all__ = ["TraceResult", "model_inputs", "record", "running_stats_kept", "split_inputs"]
 
@@ -55,6 +56,10 @@ class TraceResult:
     #: Axes of every input tensor, then of every output tensor, in pytree order (all frozen).
     input_axes: list[tuple[int, ...]] = field(default_factory=list)
     output_axes: list[tuple[int, ...]] = field(default_factory=list)
+    #: Every recorded ATen call in order: what the replay of a plan must see again.
+    log: OpLog | None = None
+    #: "meta" when the forward ran on a meta shadow, "real" when on the model itself.
+    device: str = "meta"
 
 
 _aten = torch.ops.aten
@@ -135,6 +140,70 @@ _DATA_DEPENDENT_SHAPES = {
 _FROZEN_MODULES = (nn.RNNBase, nn.RNNCellBase)
 
 
+@dataclass
+class OpLog:
+    """The recorded calls: overload, tensor input and output axes, and the module running it."""
+
+    funcs: list[Any] = field(default_factory=list)
+    inputs: list[tuple] = field(default_factory=list)
+    outputs: list[list] = field(default_factory=list)
+    modules: list[int] = field(default_factory=list)
+    #: Module names by the index ``modules`` holds ("" is the model itself).
+    module_names: list[str] = field(default_factory=list)
+
+    def axes_of(self, op: int) -> list[int]:
+        """Every axis op ``op`` read or wrote."""
+        axes: list[int] = []
+        for value in (*self.inputs[op], *self.outputs[op]):
+            if isinstance(value, tuple):
+                axes.extend(value)
+        return axes
+
+
+def _input_axes(in_args: tuple, in_kwargs: dict) -> tuple:
+    found = []
+    for value in (*in_args, *in_kwargs.values()):
+        if type(value) is Axes:
+            found.append(value)
+        elif type(value) is list:
+            found.extend(v for v in value if type(v) is Axes)
+    return tuple(found)
+
+
+class _ModuleStack:
+    """Which module of the traced model is running: global forward hooks, removed on exit."""
+
+    def __init__(self, model: Any) -> None:
+        modules = model.named_modules() if isinstance(model, nn.Module) else ()
+        self.index = {id(m): i for i, (_, m) in enumerate(modules)}
+        self.names = [name for name, _ in model.named_modules()] if self.index else [""]
+        self.stack = [0]
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _ModuleStack:
+        from torch.nn.modules import module as module_hooks
+
+        index, stack = self.index, self.stack
+
+        def push(module: nn.Module, _inputs: Any) -> None:
+            stack.append(index.get(id(module), stack[-1]))
+
+        def pop(module: nn.Module, _inputs: Any, _output: Any) -> None:
+            if len(stack) > 1:
+                stack.pop()
+
+        if self.index:
+            self.handles = [
+                module_hooks.register_module_forward_pre_hook(push),
+                module_hooks.register_module_forward_hook(pop),
+            ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class _Recorder(TorchDispatchMode):
     """Gives tensors axes and turns each ATen call into equations through its rule."""
 
@@ -144,10 +213,14 @@ class _Recorder(TorchDispatchMode):
         # frames per ATen op, and the trace never runs under torch.compile.
         return False
 
-    def __init__(self, equations: AxisEquations, strict: bool) -> None:
+    def __init__(self, equations: AxisEquations, strict: bool, stack: _ModuleStack) -> None:
         super().__init__()
         self.equations = equations
         self.strict = strict
+        self.log = OpLog(module_names=stack.names)
+        self.stack = stack.stack
+        self.model_notes: list[str] = []
+        self.input_axes: list[Axes] = []
         self.axes: dict[int, Axes] = {}
         # Keeps every tensor seen alive so that no id() is reused during the trace.
         self.alive: list[torch.Tensor] = []
@@ -238,6 +311,10 @@ class _Recorder(TorchDispatchMode):
         in_kwargs = dict(zip(kwargs, self._wrap(kwargs.values()), strict=True)) if kwargs else {}
         out = run(*args, **kwargs)
         self.num_ops += 1
+        log = self.log
+        log.funcs.append(func)
+        log.inputs.append(_input_axes(in_args, in_kwargs))
+        log.modules.append(self.stack[-1])
         if isinstance(out, torch.Tensor):
             # The common case inline: a new tensor shares an input's axes or gets fresh ones.
             axes = self.axes.get(id(out))
@@ -248,6 +325,7 @@ class _Recorder(TorchDispatchMode):
                         self.axes[id(out)] = axes
                         self.alive.append(out)
                         if done:
+                            log.outputs.append([axes])
                             return out
                 outputs = [self.fresh(out) if axes is None else axes]
             else:
@@ -256,6 +334,7 @@ class _Recorder(TorchDispatchMode):
             outputs = [self._output_axes(t) if isinstance(t, torch.Tensor) else None for t in out]
         else:
             outputs = []
+        log.outputs.append(outputs)
         call = OpCall(func, in_args, in_kwargs, outputs, args)
         if rule is None:
             self.unsupported[str(func.overloadpacket)] += 1
@@ -353,8 +432,15 @@ def record(
     *,
     ignored: Iterable[nn.Module] = (),
     strict: bool = False,
+    shadow: bool = True,
 ) -> TraceResult:
     """Run ``model`` once on ``example_inputs`` and return its axis equations.
+
+    The forward runs on a meta shadow of the model (:mod:`depprune.shadow`):
+    no weight is read and no state of ``model`` changes. A model that cannot
+    be shadowed, or whose forward needs real values, is traced as it is
+    (BatchNorm statistics kept), and the notes say so; ``shadow=False``
+    asks for that.
 
     ``example_inputs`` is a tensor, a tuple or list of positional inputs, or a
     dict of keyword inputs; on a model whose parameters are on the meta
@@ -381,31 +467,29 @@ def record(
                 f"ignored must hold nn.Module objects (submodules of the model); "
                 f"got {type(module).__name__}"
             )
-    args, kwargs = model_inputs(model, example_inputs)
-
-    equations = AxisEquations()
-    recorder = _Recorder(equations, strict)
-    notes = _register_model(model, recorder, ignored) if isinstance(model, nn.Module) else []
-    input_axes = [recorder.axes_of(t) for t in _tensor_leaves((args, kwargs))]
-    for axes in input_axes:
-        _freeze(equations, axes)
-
-    model_name = type(model).__name__
+    target, device, notes = model, "real", []
+    if shadow and isinstance(model, nn.Module):
+        try:
+            target, device = meta_shadow(model), "meta"
+        except ShadowError as exc:
+            notes.append(f"traced on the model itself: no meta shadow ({exc})")
     try:
-        with torch.no_grad(), running_stats_kept(model), recorder:
-            output = model(*args, **kwargs)
-    except DeppruneError:
-        raise
-    except Exception as exc:
-        raise TraceError(
-            f"example_inputs did not run model {model_name}: {type(exc).__name__}: {exc}. "
-            "Pass the inputs its forward takes: a tensor, a tuple of positional "
-            "inputs or a dict of keyword inputs"
-        ) from exc
-    if recorder.error is not None:
-        # The model swallowed the strict-mode error; it still stands.
-        raise recorder.error
-
+        recorder, output = _run(
+            target, example_inputs, _same_modules(ignored, model, target), strict, device
+        )
+    except TraceError as exc:
+        if device != "meta":
+            raise
+        # Code that needs real values (a custom kernel, a check on data): trace the model.
+        recorder, output = _run(model, example_inputs, ignored, strict, "real")
+        cause = exc.__cause__ or exc
+        notes.append(
+            f"traced on the model itself: its forward does not run on meta tensors "
+            f"({type(cause).__name__}: {str(cause)[:200]})"
+        )
+        device = "real"
+    equations = recorder.equations
+    notes = recorder.model_notes + notes
     output_axes = [recorder.axes_of(t) for t in _tensor_leaves(output)]
     for axes in output_axes:
         _freeze(equations, axes)
@@ -418,9 +502,54 @@ def record(
         notes=notes,
         num_ops=recorder.num_ops,
         param_names=list(equations.param_names),
-        input_axes=[tuple(a) for a in input_axes],
+        input_axes=[tuple(a) for a in recorder.input_axes],
         output_axes=[tuple(a) for a in output_axes],
+        log=recorder.log,
+        device=device,
     )
+
+
+def _same_modules(modules: tuple[nn.Module, ...], model: Any, twin: Any) -> tuple[nn.Module, ...]:
+    """``modules`` of ``model`` as the twin's modules of the same names."""
+    if twin is model or not modules:
+        return modules
+    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    twins = dict(twin.named_modules(remove_duplicate=False))
+    return tuple(twins[names[id(m)]] if id(m) in names else m for m in modules)
+
+
+def _run(
+    model: Any, example_inputs: Any, ignored: tuple, strict: bool, device: str
+) -> tuple[_Recorder, Any]:
+    """One recorded forward of ``model`` (a shadow when ``device`` is "meta")."""
+    args, kwargs = model_inputs(model, example_inputs)
+    if device == "meta":
+        args, kwargs = meta_inputs((args, kwargs))
+    equations = AxisEquations()
+    stack = _ModuleStack(model)
+    recorder = _Recorder(equations, strict, stack)
+    recorder.model_notes = (
+        _register_model(model, recorder, ignored) if isinstance(model, nn.Module) else []
+    )
+    recorder.input_axes = [recorder.axes_of(t) for t in _tensor_leaves((args, kwargs))]
+    for axes in recorder.input_axes:
+        _freeze(equations, axes)
+    model_name = type(model).__name__
+    try:
+        with torch.no_grad(), running_stats_kept(model), stack, recorder:
+            output = model(*args, **kwargs)
+    except DeppruneError:
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"example_inputs did not run model {model_name}: {type(exc).__name__}: {exc}. "
+            "Pass the inputs its forward takes: a tensor, a tuple of positional "
+            "inputs or a dict of keyword inputs"
+        ) from exc
+    if recorder.error is not None:
+        # The model swallowed the strict-mode error; it still stands.
+        raise recorder.error
+    return recorder, output
 
 
 def _register_model(

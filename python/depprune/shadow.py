@@ -1,0 +1,158 @@
+"""Shadow stage: a meta-device twin of a model, and example inputs as shapes only.
+
+Takes a model and gives a copy with the same module tree, classes, Python
+attributes, hooks and config, whose parameters, buffers and tensor
+attributes are meta tensors of the same shapes and dtypes. Tracing and
+verifying on the shadow reads no weight and changes no state of the real
+model, in any mode (training-mode buffers, caches filled by a forward,
+spectral-norm vectors), and a plan can be tried on it by cutting meta
+tensors for free.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)).train()
+>>> twin = meta_shadow(model)
+>>> twin[0].weight.device.type, twin[0].weight.shape, twin[1].training
+('meta', torch.Size([8, 4]), True)
+>>> twin is not model and model[0].weight.device.type
+'cpu'
+>>> spec = input_spec((torch.zeros(2, 4), {"flag": True}))
+>>> spec
+[{'tensor': [[2, 4], 'float32']}, {'flag': True}]
+>>> inputs_from_spec(spec)[0].shape, inputs_from_spec(spec)[1]
+(torch.Size([2, 4]), {'flag': True})
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["ShadowError", "input_spec", "inputs_from_spec", "meta_inputs", "meta_shadow"]
+
+
+class ShadowError(Exception):
+    """The model cannot be shadowed; the message says why (the caller falls back)."""
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(tensor, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        param = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        param.__dict__.update(copy.copy(tensor.__dict__))
+        return param
+    return meta
+
+
+def _tensor_attributes(value: Any, found: list[torch.Tensor], depth: int = 0) -> None:
+    """Tensors held in plain attributes, lists, tuples and dicts (caches, masks)."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif depth < 3 and isinstance(value, (list, tuple)):
+        for item in value:
+            _tensor_attributes(item, found, depth + 1)
+    elif depth < 3 and isinstance(value, dict):
+        for item in value.values():
+            _tensor_attributes(item, found, depth + 1)
+
+
+def meta_shadow(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every tensor it holds on the meta device.
+
+    Raises :class:`ShadowError` when the model holds tensors that have no
+    meta twin (tensor subclasses, sparse or quantized storage) or cannot be
+    deep-copied.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        held: list[torch.Tensor] = []
+        held += [t for t in module._parameters.values() if t is not None]
+        held += [t for t in module._buffers.values() if t is not None]
+        for key, value in vars(module).items():
+            if not key.startswith("_"):
+                _tensor_attributes(value, held)
+        for tensor in held:
+            if id(tensor) in memo:
+                continue
+            if (
+                tensor.layout is not torch.strided
+                or tensor.is_quantized
+                or (type(tensor) not in (torch.Tensor, nn.Parameter))
+            ):
+                raise ShadowError(
+                    f"{type(module).__name__} holds a {type(tensor).__name__} with layout "
+                    f"{tensor.layout}, which has no meta twin"
+                )
+            memo[id(tensor)] = _meta_like(tensor)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise ShadowError(f"the model cannot be copied ({type(exc).__name__}: {exc})") from exc
+
+
+def meta_inputs(example_inputs: Any) -> Any:
+    """``example_inputs`` with every tensor replaced by a meta tensor of its shape and dtype."""
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.empty_like(t, device="meta"), example_inputs
+    )
+
+
+_JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+def input_spec(example_inputs: Any) -> Any:
+    """The example inputs as JSON-ready data: tensors by shape and dtype, the rest as is.
+
+    Returns ``None`` when an input is neither a tensor, a JSON scalar, nor a
+    list, tuple or string-keyed dict of those (such inputs cannot be saved).
+    """
+
+    def encode(value: Any, depth: int) -> Any:
+        if depth > 16:
+            raise ValueError("inputs nested too deep")
+        if isinstance(value, torch.Tensor):
+            return {"tensor": [list(value.shape), str(value.dtype).removeprefix("torch.")]}
+        if isinstance(value, _JSON_SCALARS):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [encode(v, depth + 1) for v in value]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            if "tensor" in value and len(value) == 1:
+                raise ValueError("a dict input with the single key 'tensor' is ambiguous")
+            return {k: encode(v, depth + 1) for k, v in value.items()}
+        raise ValueError(f"a {type(value).__name__} input cannot be described")
+
+    try:
+        return encode(example_inputs, 0)
+    except ValueError:
+        return None
+
+
+def inputs_from_spec(spec: Any) -> Any:
+    """Meta-device example inputs rebuilt from :func:`input_spec` (tuples come back as lists)."""
+
+    def decode(value: Any, depth: int) -> Any:
+        if depth > 16:
+            raise ValueError("input spec nested too deep")
+        if isinstance(value, dict):
+            if set(value) == {"tensor"}:
+                shape, dtype = value["tensor"]
+                torch_dtype = getattr(torch, str(dtype), None)
+                if not isinstance(torch_dtype, torch.dtype):
+                    raise ValueError(f"unknown dtype {dtype!r} in an input spec")
+                if not isinstance(shape, list) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape
+                ):
+                    raise ValueError(f"bad tensor shape {shape!r} in an input spec")
+                return torch.empty(shape, dtype=torch_dtype, device="meta")
+            return {str(k): decode(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [decode(v, depth + 1) for v in value]
+        if isinstance(value, _JSON_SCALARS):
+            return value
+        raise ValueError(f"a {type(value).__name__} in an input spec")
+
+    return decode(spec, 0)
