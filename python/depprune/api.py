@@ -16,6 +16,7 @@ group  kind              units  first member
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from depprune.importance import Importance, ScoreContext, magnitude, score_group
 from depprune.kinds import KINDS, group_kinds, params_per_unit
 from depprune.optimizer_state import checked_optimizers
 from depprune.plan import GroupChoice, Plan
-from depprune.selection import Scope, check_ratios, layer_role, select, uneven_roles
+from depprune.selection import Scope, check_ratios, layer_role, select
 from depprune.shadow import input_spec, meta_shadow
 from depprune.tracer import model_inputs, record, running_stats_kept
 from depprune.verify import prove
@@ -146,7 +147,8 @@ class PruneReport:
         if untouched:
             lines.append(
                 f"{untouched} group(s) kept whole "
-                "(other kinds, ignored, ratio 0, min_units or round_to)"
+                "(other kinds, factors of a width another group prunes, ignored, ratio 0, "
+                "min_units or round_to)"
             )
         for reason in self.kept_whole:
             lines.append(reason)
@@ -221,7 +223,7 @@ def make_plan(
             if all(g.kind for g in graph.groups)
             else group_kinds(graph, model)
         )
-        chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
+        chosen = _outermost_factors(graph, [g for g in graph.groups if kind_of[g.index] in wanted])
         scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
         has_config = hasattr(getattr(model, "config", None), "to_dict")
         # A config sizes every layer alike: a group kept whole keeps its role whole.
@@ -247,7 +249,7 @@ def make_plan(
 
         removed = choose(set())
         if uniform is None and has_config:
-            _check_even(model, graph, removed)
+            _check_even(model, graph, removed, role_of)
         reasons: dict[int, str] = {}
         if verify and getattr(graph, "recording", None) is not None:
             # Default kinds promise a config that reloads exactly; explicit kinds only warn.
@@ -296,14 +298,54 @@ def make_plan(
         return plan
 
 
+def _outermost_factors(graph: DependencyGraph, chosen: list) -> list:
+    """A ratio is of a layer's width: of groups that are factors of one width (KV heads x
+    queries per KV head, conv groups x channels per group, heads x head_dim), only the
+    outermost is pruned, so ``ratio=0.5`` removes half the width, not three quarters."""
+    by_member: dict[tuple[str, int], list] = {}
+    for g in chosen:
+        for member in g.members:
+            by_member.setdefault(member, []).append(g)
+    inner: set[int] = set()
+    for member, groups in by_member.items():
+        if len(groups) < 2:
+            continue
+        maps = {g.index: graph.unit_maps(g)[member] for g in groups}
+        for a, b in itertools.combinations(sorted(maps), 2):
+            # Where both index the dim (the q part of a fused qkv), the outer factor's
+            # unit changes less often; groups on different parts are not factors.
+            both = (maps[a] >= 0) & (maps[b] >= 0)
+            if not both.any():
+                continue
+            changes_a, changes_b = (int(np.count_nonzero(np.diff(maps[g][both]))) for g in (a, b))
+            if changes_a != changes_b:
+                inner.add(b if changes_a < changes_b else a)
+    return [g for g in chosen if g.index not in inner]
+
+
 def _roles(graph: DependencyGraph) -> tuple[dict[tuple, list[int]], dict[int, tuple]]:
     """Groups by role, and each group's role: its layer role, and which of the layer's
     groups with that role it is (a fused qkv's KV heads and queries per KV head share
     their members)."""
     role_of: dict[int, tuple] = {}
     seen: dict[tuple, int] = {}
+    bases = {g.index: layer_role(g) for g in graph.groups}
+    counts: dict[tuple, int] = {}
     for g in graph.groups:
-        base = layer_role(g)
+        key = (bases[g.index], tuple(_LAYER_NUMBER.findall(g.members[0][0])))
+        counts[key] = counts.get(key, 0) + 1
+
+    def order(g) -> tuple:
+        # Same-member groups of a layer in a layer-independent order: outer factors first.
+        key = (bases[g.index], tuple(_LAYER_NUMBER.findall(g.members[0][0])))
+        if counts[key] == 1:
+            return (0, g.index)
+        units = graph.unit_maps(g)[g.members[0]]
+        units = units[units >= 0]
+        return (int(np.count_nonzero(units[1:] != units[:-1])), g.index)
+
+    for g in sorted(graph.groups, key=order):
+        base = bases[g.index]
         layer = tuple(_LAYER_NUMBER.findall(g.members[0][0]))
         ordinal = seen.get((base, layer), 0)
         seen[(base, layer)] = ordinal + 1
@@ -317,8 +359,17 @@ def _roles(graph: DependencyGraph) -> tuple[dict[tuple, list[int]], dict[int, tu
 _LAYER_NUMBER = re.compile(r"\.(\d+)\.")
 
 
-def _check_even(model: nn.Module, graph: DependencyGraph, removed: dict) -> None:
-    uneven = uneven_roles(graph, removed)
+def _check_even(
+    model: nn.Module, graph: DependencyGraph, removed: dict, role_of: Mapping[int, tuple]
+) -> None:
+    kept: dict[tuple, set[int]] = {}
+    for g in graph.groups:
+        kept.setdefault(role_of[g.index], set()).add(g.size - len(removed.get(g.index, ())))
+    uneven = [
+        f"{role[0][0]}[{role[0][1]}] ({role[0][3] or 'units'}: keeps {sorted(counts)})"
+        for role, counts in kept.items()
+        if len(counts) > 1
+    ]
     if uneven:
         raise SelectionError(
             f"layers would keep different sizes, which {type(model).__name__}'s config "

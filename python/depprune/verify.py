@@ -28,7 +28,7 @@ why, is reported.
 >>> [(g.kind, g.size, g.kept) for g in report.plan.groups]
 [('heads', 4, 4), ('head_dim', 4, 4), ('neurons', 6, 3)]
 >>> print(report.kept_whole[0])
-group 0 (4 heads, first member a.weight[0]) kept whole: the model: aten.view fails (RuntimeError: shape '[-1, 4, 4]' is invalid for input of size 12)
+group 0 (4 heads, first member a.weight[0]) kept whole: the model: aten.view fails (RuntimeError: shape '[-1, 4, 4]' is invalid for input of size 24)
 """
 
 from __future__ import annotations
