@@ -161,16 +161,20 @@ def test_lstm_model():
     check_pruning(seeded(LSTMClassifier), tokens)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="depprune bug: cutting nn.MultiheadAttention heads leaves num_heads at 4 "
-    "(embed_dim 8, head_dim 2 instead of 2 heads of 4), so the pruned output is silently wrong",
-)
 def test_multihead_attention_model():
-    graph, pruned = check_pruning(seeded(AttentionBlock), torch.randn(2, 5, 16))
-    assert "heads" in {g.kind for g in graph.groups}
-    assert pruned.attn.num_heads == 2
-    assert pruned.attn.embed_dim == pruned.attn.num_heads * pruned.attn.head_dim
+    make = seeded(AttentionBlock)
+    graph = depprune.trace(make().eval(), torch.randn(2, 5, 16))
+    assert {"heads", "head_dim"} <= {g.kind for g in graph.groups}
+    # Default kinds: a ratio is of the width, so whole heads go (head_dim would change the
+    # attention's 1/sqrt(head_dim) scale, which zeroing cannot show).
+    model, x = make().eval(), torch.randn(2, 5, 16)
+    reference = make().eval()
+    report = depprune.prune(model, x, ratio=0.5)
+    assert model.attn.num_heads == 2 and model.attn.head_dim == 8 and model.attn.embed_dim == 16
+    removed = {g: u for g, u in report.plan.removed.items()}
+    assert {graph.groups[g].kind for g in removed} == {"heads", "neurons"}
+    expected = outputs(zeroed_copy(reference, graph, removed), x)
+    assert_same_outputs(expected, outputs(model, x))
 
 
 # -- Hugging Face transformers ----------------------------------------------------

@@ -251,9 +251,10 @@ def make_plan(
         if uniform is None and has_config:
             _check_even(model, graph, removed, role_of)
         reasons: dict[int, str] = {}
+        attributes: dict[str, dict[str, int]] = {}
         if verify and getattr(graph, "recording", None) is not None:
             # Default kinds promise a config that reloads exactly; explicit kinds only warn.
-            removed, reasons = prove(
+            removed, reasons, attributes = prove(
                 model,
                 graph,
                 removed,
@@ -279,6 +280,7 @@ def make_plan(
         ]
         plan = Plan.from_kept(model, graph.kept_indices(removed), choices)
         plan.removed = {g: np.asarray(u, dtype=np.int64) for g, u in removed.items()}
+        plan.attributes = attributes
         plan.kept_whole = {
             g: f"group {g} ({graph.groups[g].size} {kind_of[g]}, first member "
             f"{choices[g].first_member}) kept whole: {why}"
@@ -503,5 +505,5 @@ def _macs_on_shadow(model: nn.Module, graph: DependencyGraph, plan: Plan | None)
     if plan is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            apply_kept_indices(twin, plan.kept)
+            apply_kept_indices(twin, plan.kept, attributes=plan.attributes)
     return _count_macs(twin, graph.example_inputs)

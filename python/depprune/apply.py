@@ -369,9 +369,11 @@ def _fix_hf_conv1d(m: nn.Module, p: str, v: _View) -> dict:
     return {"nf": weight[1], "nx": weight[0]} if hasattr(m, "nx") else {"nf": weight[1]}
 
 
-def _heads_kept(v: _View, name: str, head_dim: int, start: int, stop: int) -> tuple[int, int]:
+def _heads_kept(
+    v: _View, name: str, head_dim: int, start: int, stop: int, dim: int = 0
+) -> tuple[int, int]:
     """(heads, head_dim) kept by rows ``start:stop`` of ``name``, viewed as (heads, head_dim)."""
-    rows = v.cut(name, 0)
+    rows = v.cut(name, dim)
     if rows is None:
         return (stop - start) // head_dim, head_dim
     rows = rows[(rows >= start) & (rows < stop)] - start
@@ -466,15 +468,12 @@ def _fix_gpt2_attention(m: nn.Module, p: str, v: _View) -> dict:
 
 
 def _fix_multihead_attention(m: nn.Module, p: str, v: _View) -> dict:
-    embed = v.shape(p + "out_proj.weight")[0]
-    if embed % m.num_heads:
-        raise PlanMismatchError(
-            f"{p[:-1]}: embed_dim {embed} would not split into {m.num_heads} heads; "
-            "nn.MultiheadAttention needs embed_dim divisible by num_heads"
-        )
-    new = {"embed_dim": embed, "head_dim": embed // m.num_heads}
+    """Heads kept (whole runs of head_dim channels) and the head_dim each keeps."""
+    name = p + "out_proj.weight"
+    heads, head_dim = _heads_kept(v, name, m.head_dim, 0, v.old_shape(name)[1], dim=1)
+    new = {"embed_dim": heads * head_dim, "num_heads": heads, "head_dim": head_dim}
     if m._qkv_same_embed_dim:
-        return new | {"kdim": embed, "vdim": embed}
+        return new | {"kdim": heads * head_dim, "vdim": heads * head_dim}
     return new | {"kdim": v.shape(p + "k_proj_weight")[1], "vdim": v.shape(p + "v_proj_weight")[1]}
 
 
@@ -791,14 +790,41 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
     return changes + fallbacks
 
 
+def _named_attributes(
+    model: nn.Module, attributes: Mapping[str, Mapping[str, int]]
+) -> list[tuple[nn.Module, dict]]:
+    """``(module, attributes)`` for module names, checked against the model."""
+    modules = dict(model.named_modules())
+    changes = []
+    for name, values in attributes.items():
+        module = modules.get(name)
+        if module is None:
+            raise PlanMismatchError(
+                f"the plan sets attributes of {name!r}, which is not a module of "
+                f"{type(model).__name__}; was the plan made for another model?"
+            )
+        for attr, value in values.items():
+            if type(getattr(module, attr, None)) is not int or type(value) is not int:
+                raise PlanMismatchError(
+                    f"the plan sets {name or 'the model'}.{attr} to {value!r}, but only integer "
+                    "attributes the model has can be set"
+                )
+        changes.append((module, dict(values)))
+    return changes
+
+
 def apply_kept_indices(
     model: nn.Module,
     kept: Kept,
     *,
     low_memory: bool = False,
     optimizers: Iterable[Optimizer] = (),
+    attributes: Mapping[str, Mapping[str, int]] | None = None,
 ) -> None:
     """Cut every (parameter or buffer, dim) of ``model`` down to its kept indices.
+
+    ``attributes`` maps module names to integer attributes to set as well (those
+    :func:`depprune.verify.infer_attributes` found and the replay proved).
 
     ``kept`` maps ``(name, dim)`` to the indices to keep along that dim (as
     from :meth:`depprune.DependencyGraph.kept_indices`). The whole plan and
@@ -835,6 +861,7 @@ def apply_kept_indices(
     with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
         attribute_changes = _attribute_changes(model, _View(model, cuts, changed))
+        attribute_changes += _named_attributes(model, attributes or {})
         # Weak: a cut tensor alive after the cut is held elsewhere (maybe by an optimizer).
         old_tensors = [weakref.ref(cut.current()) for cut in cuts]
         if low_memory:

@@ -74,6 +74,9 @@ class Plan:
     removed: dict[int, np.ndarray] = field(default_factory=dict)
     #: Groups the proof kept whole, with the reason, by group index.
     kept_whole: dict[int, str] = field(default_factory=dict)
+    #: Integer module attributes the cut sets beyond the built-in fixers (module name ->
+    #: attribute -> value), inferred from the trace and proved by the replay.
+    attributes: dict[str, dict[str, int]] = field(default_factory=dict)
     #: (plan fingerprint, model class) of the proof make_plan ran; not saved.
     _proved: tuple[str, type] | None = field(default=None, repr=False, compare=False)
 
@@ -121,6 +124,7 @@ class Plan:
     def fingerprint(self) -> str:
         """A hash of every kept index list and shape (what a proof is about)."""
         digest = hashlib.blake2b(digest_size=16)
+        digest.update(json.dumps(self.attributes, sort_keys=True).encode())
         for (name, dim), indices in sorted(self.kept.items()):
             digest.update(f"{name}\0{dim}\0{self.shapes.get(name)}\0".encode())
             digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
@@ -212,7 +216,13 @@ class Plan:
         with paused_gc():
             if verify and self.kept and self._proved != (self.fingerprint(), type(model)):
                 self._prove(model, example_inputs)
-            apply_kept_indices(model, self.kept, low_memory=low_memory, optimizers=optimizers)
+            apply_kept_indices(
+                model,
+                self.kept,
+                low_memory=low_memory,
+                optimizers=optimizers,
+                attributes=self.attributes,
+            )
 
     def _prove(self, model: nn.Module, example_inputs: Any) -> None:
         """Trace ``model``, check the plan removes whole units, and replay it on a shadow."""
@@ -231,7 +241,9 @@ class Plan:
                 raise InvalidPlanError(f"the plan's example inputs are malformed: {exc}") from exc
         graph = trace(model, example_inputs)
         keep = self._keep_mask(graph, model)
-        divergence = replay_plan(model, graph, keep, graph.kept_indices(keep))
+        divergence = replay_plan(
+            model, graph, keep, graph.kept_indices(keep), attributes=self.attributes
+        )
         if divergence is not None:
             raise PlanMismatchError(
                 f"the plan does not hold on {type(model).__name__}: {divergence}; the model "
@@ -277,6 +289,7 @@ class Plan:
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
             "groups": [list(vars(g).values()) for g in self.groups],
             "inputs": self.inputs,
+            "attributes": self.attributes,
         }
         offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
         indices = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
@@ -358,7 +371,21 @@ class Plan:
             GroupChoice(*(_typed(v, t, "a group field") for v, t in zip(g, kinds, strict=True)))
             for g in _records(meta.get("groups"), 5, "groups")
         ]
-        plan = cls(kept=kept, shapes=shapes, groups=groups, inputs=meta.get("inputs"))
+        attributes = meta.get("attributes") or {}
+        if not isinstance(attributes, dict) or not all(
+            isinstance(name, str)
+            and isinstance(values, dict)
+            and all(isinstance(k, str) and type(v) is int for k, v in values.items())
+            for name, values in attributes.items()
+        ):
+            raise InvalidPlanError("plan attributes must map module names to integer attributes")
+        plan = cls(
+            kept=kept,
+            shapes=shapes,
+            groups=groups,
+            inputs=meta.get("inputs"),
+            attributes=attributes,
+        )
         plan.validate()
         return plan
 

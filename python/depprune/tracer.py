@@ -136,6 +136,18 @@ _DATA_DEPENDENT_SHAPES = {
         _repeat_once,
     ),
 }
+
+
+def _nms_keeps_all(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> Any:
+    return boxes.new_empty((boxes.shape[0],), dtype=torch.long)
+
+
+#: Data-dependent ops of other libraries, by schema name, registered when first seen.
+_NAMED_DATA_DEPENDENT_SHAPES = {
+    # Detection heads suppress boxes by value: on meta, every box survives.
+    "torchvision::nms": ("torchvision's nms", "as if every box were kept", _nms_keeps_all),
+}
+
 #: Modules whose fused kernels mix gates in ways no equation expresses; their params freeze.
 _FROZEN_MODULES = (nn.RNNBase, nn.RNNCellBase)
 
@@ -277,6 +289,9 @@ class _Recorder(TorchDispatchMode):
     def _entry(self, func: Any) -> tuple:
         """``(rule, adopter, rare)`` of one overload, worked out on its first call."""
         rule = rule_for(func)
+        named = _NAMED_DATA_DEPENDENT_SHAPES.get(getattr(func, "name", lambda: "")())
+        if named is not None:
+            _DATA_DEPENDENT_SHAPES[func] = named
         rare = rule is None or func in _DATA_DEPENDENT or func in _DATA_DEPENDENT_SHAPES
         entry = (rule, ADOPTERS.get(rule), rare)
         self.rules[func] = entry
@@ -590,6 +605,10 @@ def _multihead_attention_widths(
     """
     embed = recorder.axes_of(module.out_proj.weight)
     equations.equal(embed[0], embed[1])
+    # The fused kernel splits embed_dim into num_heads x head_dim internally: say so, or
+    # channels of different heads would be pruned as one width and re-split wrongly.
+    heads, head_dim = equations.axis(module.num_heads), equations.axis(module.head_dim)
+    equations.product(embed[1], [heads, head_dim])
     if module.in_proj_weight is not None:
         # Rows are q, k, v one after another: product(3, embed_dim), as the decomposed
         # path's unflatten says; which of q, k, v is not a prunable choice.

@@ -58,7 +58,7 @@ from depprune.tracer import (
     split_inputs,
 )
 
-__all__ = ["Divergence", "prove", "replay_plan"]
+__all__ = ["Divergence", "infer_attributes", "prove", "replay_plan"]
 
 #: Replays one prove may spend before it keeps every remaining pruned group whole.
 MAX_REPLAYS = 64
@@ -118,6 +118,8 @@ class _Replayer(_Recorder):
         self.notes: Counter[str] = Counter()
         self.num_ops = 0
         self.divergence: Divergence | None = None
+        #: Replaying real values: sizes the plan does not change may follow the data.
+        self.on_values = False
         #: The log's ops that the replay compares against, by position.
         self.order = [k for k, f in enumerate(log.funcs) if f not in _BOOKKEEPING]
 
@@ -183,6 +185,16 @@ class _Replayer(_Recorder):
             want = tuple(sizes[a] for a in axes)
             if tuple(tensor.shape) != want:
                 traced = tuple(self.traced_sizes[a] for a in axes)
+                if (
+                    self.on_values
+                    and len(want) == tensor.dim()
+                    and all(
+                        got == w or w == t
+                        for got, w, t in zip(tensor.shape, want, traced, strict=True)
+                    )
+                ):
+                    continue  # real values (detections kept) may size what the plan does not
+
                 self.diverge(
                     op,
                     f"{func.overloadpacket} gives shape {tuple(tensor.shape)} where the plan "
@@ -212,8 +224,12 @@ def replay_plan(
     kept: Mapping[tuple[str, int], np.ndarray],
     *,
     exact_config: bool = False,
+    attributes: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Divergence | None:
     """Apply ``kept`` to a fresh shadow of ``model`` and replay ``graph``'s trace on it.
+
+    ``attributes`` (module name -> integer attribute -> value) are set on the
+    shadow with the cut, as :func:`infer_attributes` proposes them.
 
     ``keep`` is the keep mask the kept indices came from (it predicts every
     traced tensor's shape). ``exact_config=True`` also refutes a plan whose
@@ -236,7 +252,7 @@ def replay_plan(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            apply_kept_indices(twin, kept)
+            apply_kept_indices(twin, kept, attributes=attributes)
     except Exception as exc:
         return Divergence(-1, f"applying the plan fails ({type(exc).__name__}: {exc})")
     for warning in caught if exact_config else ():
@@ -249,6 +265,7 @@ def replay_plan(
     if on_meta:
         args, kwargs = meta_inputs((args, kwargs))
     replayer = _Replayer(recording.log, sizes, original)
+    replayer.on_values = not on_meta
     try:
         with torch.no_grad(), running_stats_kept(twin), replayer:
             output = twin(*args, **kwargs)
@@ -273,6 +290,55 @@ def replay_plan(
     if got != want:
         return Divergence(-1, f"the pruned model's outputs have shapes {got}, not {want}")
     return None
+
+
+def infer_attributes(
+    model: nn.Module, graph: DependencyGraph, keep: np.ndarray
+) -> dict[str, dict[str, int]]:
+    """Integer attributes that size a pruned axis, with their new values.
+
+    An attribute of a module (``num_heads``, ``head_dim``, a split width) is
+    proposed when its value is the traced size of an axis that the plan
+    changes and that ops running in that module's own ``forward`` read or
+    write, and every such axis of that size keeps the same new size. Only a
+    proposal: :func:`prove` keeps it when the replay with it matches.
+
+    >>> import torch, depprune
+    >>> class Heads(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b, self.num_heads = torch.nn.Linear(4, 16), torch.nn.Linear(16, 2), 4
+    ...     def forward(self, x):
+    ...         h = self.a(x).view(x.shape[0], self.num_heads, -1).softmax(-1)
+    ...         return self.b(h.flatten(1))
+    >>> model = Heads()
+    >>> report = depprune.prune(model, torch.randn(3, 4), ratio=0.5)
+    >>> model.num_heads, report.plan.attributes
+    (2, {'': {'num_heads': 2}})
+    """
+    recording = graph.recording
+    log, traced = recording.log, recording.equations.axis_sizes
+    sizes = graph._analysis.kept_sizes(np.ascontiguousarray(keep, dtype=np.uint8)).tolist()
+    by_module: dict[int, dict[int, set[int]]] = {}
+    for op, module in enumerate(log.modules):
+        for axis in log.axes_of(op):
+            if sizes[axis] != traced[axis]:
+                by_module.setdefault(module, {}).setdefault(traced[axis], set()).add(sizes[axis])
+    from depprune.apply import FIXERS
+
+    handled = tuple(cls for cls, _ in FIXERS)  # torch.nn layers: their fixers know every size
+    modules = dict(model.named_modules())
+    proposed: dict[str, dict[str, int]] = {}
+    for index, by_size in by_module.items():
+        name = log.module_names[index]
+        module = modules.get(name)
+        if module is None or isinstance(module, handled):
+            continue
+        for attr, value in vars(module).items():
+            new = by_size.get(value) if type(value) is int and not attr.startswith("_") else None
+            if new is not None and len(new) == 1:
+                proposed.setdefault(name, {})[attr] = next(iter(new))
+    return proposed
 
 
 def _blame(
@@ -304,8 +370,11 @@ def prove(
     strict: bool = False,
     exact_config: bool = False,
     role_of: Callable[[int], object] | None = None,
-) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Remove units only where the replay proves it: ``(removed, kept whole with reasons)``.
+) -> tuple[dict[int, np.ndarray], dict[int, str], dict[str, dict[str, int]]]:
+    """Remove units only where the replay proves it: ``(removed, kept whole, attributes)``.
+
+    ``kept whole`` maps groups to the reason; ``attributes`` are the inferred
+    integer attributes (:func:`infer_attributes`) the proved plan needs.
 
     ``reselect(excluded)`` selects again with the groups in ``excluded`` kept
     whole. At a divergence, the pruned groups on the diverging op's tensors
@@ -316,15 +385,25 @@ def prove(
     """
     reasons: dict[int, str] = {}
     seen: dict[tuple, Divergence | None] = {}
+    inferred: dict[tuple, dict[str, dict[str, int]]] = {}
     role_of = role_of or (lambda g: g)
 
     def replay(selection: Mapping[int, np.ndarray]) -> Divergence | None:
         key = tuple(sorted((g, np.asarray(u).tobytes()) for g, u in selection.items()))
         if key not in seen:
             keep = graph.keep_mask(selection)
-            seen[key] = replay_plan(
-                model, graph, keep, graph.kept_indices(keep), exact_config=exact_config
-            )
+            kept = graph.kept_indices(keep)
+            seen[key] = replay_plan(model, graph, keep, kept, exact_config=exact_config)
+            if seen[key] is not None:
+                # Sizes kept in attributes no fixer knows: propose them, keep what proves.
+                proposal = infer_attributes(model, graph, keep)
+                if proposal and (
+                    replay_plan(
+                        model, graph, keep, kept, exact_config=exact_config, attributes=proposal
+                    )
+                    is None
+                ):
+                    seen[key], inferred[key] = None, proposal
         return seen[key]
 
     def without(excluded: set[int]) -> dict[int, np.ndarray]:
@@ -357,9 +436,10 @@ def prove(
         if len(seen) >= MAX_REPLAYS:
             for g in without(set(reasons)):
                 reasons[g] = f"not proved within {MAX_REPLAYS} replays"
-            return {}, reasons
+            return {}, reasons, {}
         removed = without(set(reasons))
-    return removed, reasons
+    final = tuple(sorted((g, np.asarray(u).tobytes()) for g, u in removed.items()))
+    return removed, reasons, inferred.get(final, {})
 
 
 def _bisect(
