@@ -37,7 +37,7 @@ from depprune.plan import GroupChoice, Plan
 from depprune.selection import Scope, check_ratios, layer_role, select
 from depprune.shadow import input_spec, meta_shadow
 from depprune.tracer import model_inputs, record, running_stats_kept
-from depprune.verify import prove
+from depprune.verify import changed_widths, prove
 
 __all__ = ["PruneReport", "make_plan", "prune", "trace"]
 
@@ -281,6 +281,8 @@ def make_plan(
         plan = Plan.from_kept(model, graph.kept_indices(removed), choices)
         plan.removed = {g: np.asarray(u, dtype=np.int64) for g, u in removed.items()}
         plan.attributes = attributes
+        if getattr(graph, "recording", None) is not None and removed:
+            plan.widths = changed_widths(graph, graph.keep_mask(removed))
         plan.kept_whole = {
             g: f"group {g} ({graph.groups[g].size} {kind_of[g]}, first member "
             f"{choices[g].first_member}) kept whole: {why}"
@@ -505,5 +507,5 @@ def _macs_on_shadow(model: nn.Module, graph: DependencyGraph, plan: Plan | None)
     if plan is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            apply_kept_indices(twin, plan.kept, attributes=plan.attributes)
+            apply_kept_indices(twin, plan.kept, attributes=plan.attributes, widths=plan.widths)
     return _count_macs(twin, graph.example_inputs)

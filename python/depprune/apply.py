@@ -19,6 +19,7 @@ tied parameters stay tied.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import warnings
@@ -296,7 +297,16 @@ def _kept_groups(index: torch.Tensor, group_size: int) -> int:
 class _View:
     """What a fixer may read: new shapes and kept indices, by full tensor name."""
 
-    def __init__(self, model: nn.Module, cuts: list[_Cut], changed: Mapping) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cuts: list[_Cut],
+        changed: Mapping,
+        widths: Mapping[int, Iterable[int]] | None = None,
+    ) -> None:
+        #: Traced sizes the plan changes, with their new sizes (from the replay's axes):
+        #: what config fields no tensor dim shows (a head count) may be sized by.
+        self.widths = {int(k): {int(x) for x in v} for k, v in (widths or {}).items()}
         self._tensors = {n: getattr(m, a) for n, (m, a, _) in named_tensors(model).items()}
         self._new_shape = {c.key: c.shape for c in cuts}
         self.changed = dict(changed)
@@ -623,8 +633,9 @@ def _fixer_for(module: nn.Module) -> Fixer | None:
 
 def _uniform_config(
     model: nn.Module, view: _View, changes: list[tuple[nn.Module, dict]]
-) -> dict[str, object]:
-    """Config fields every layer agrees on, plus the hidden size from the input embedding.
+) -> tuple[dict[str, object], list[tuple[nn.Module, dict]]]:
+    """Config fields every layer agrees on, plus the hidden size from the input embedding;
+    and the integer module attributes a model built from that config has (adopted).
 
     A config that cannot describe the pruned model (layers of different
     widths, or a head_dim the config derives from hidden_size and the head
@@ -633,7 +644,7 @@ def _uniform_config(
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
-        return {}
+        return {}, []
     values: dict[str, set] = {}
     for _, attrs in changes:
         for key, value in attrs.items():
@@ -651,7 +662,7 @@ def _uniform_config(
                 "prune every layer by the same ratio (local ranking, no per-layer ratios)"
             )
         _config_warning(f"layers keep different sizes {uneven}", "the config is left unchanged")
-        return {}
+        return {}, []
     required = values.pop("required", None) is not None
     if getattr(config, "model_type", "") == "gpt2" and "intermediate_size" in values:
         values["n_inner"] = values.pop("intermediate_size")  # GPT-2 names its MLP width so
@@ -665,7 +676,13 @@ def _uniform_config(
         del new["head_dim"]
     new = {key: value for key, value in new.items() if getattr(config, key, None) != value}
     # Rebuilt even when no field changes: a width the config has no field for shows up here.
-    shapes, other = _rebuild_mismatch(model, config, new, view, changes)
+    adopted: list[tuple[nn.Module, dict]] = []
+    shapes, other = _rebuild_mismatch(model, config, new, view, changes, adopted)
+    if shapes or other:
+        inferred = _infer_config_fields(model, config, new, view, changes)
+        if inferred is not None:
+            new, adopted = inferred
+            shapes, other = "", ""
     if shapes:
         if required:
             raise PlanMismatchError(
@@ -673,13 +690,46 @@ def _uniform_config(
                 f"with {new} builds {shapes}; prune every layer by the same ratio"
             )
         _config_warning(f"a config with {new} builds {shapes}", "the config is left unchanged")
-        return {}
+        return {}, []
     if other:
         _config_warning(
             f"a model built from it has {other}",
             f"the config gets {new}, so the pruned model loads, but its outputs would differ",
         )
-    return new
+    return new, adopted
+
+
+def _infer_config_fields(
+    model: nn.Module, config, new: dict, view: _View, changes: list[tuple[nn.Module, dict]]
+) -> tuple[dict, list[tuple[nn.Module, dict]]] | None:
+    """Config fields no fixer names (``ffn_dim``, ``n_inner``, ``d_ff``, ``n_head``...) by what
+    they size: a field whose value is a width the plan changes, to one new size, gets it.
+    The proposal holds only if a model built from it on meta matches the pruned one."""
+    widths: dict[int, set[int]] = {k: set(v) for k, v in view.widths.items()}
+    for name, dims in view.changed.items():
+        old, now = view.old_shape(name), view.shape(name)
+        for dim in dims:
+            widths.setdefault(int(old[dim]), set()).add(int(now[dim]))
+    proposals = {}
+    for key, value in vars(config).items():
+        if key.startswith("_") or key in new or type(value) is not int:
+            continue
+        found = widths.get(value)
+        if found is not None and len(found) == 1:
+            proposals[key] = next(iter(found))
+    if not proposals:
+        return None
+    # All proposals, then without one or two of them (fields that only happen to match).
+    keys = sorted(proposals)
+    left_out: list[tuple[str, ...]] = [()] + [(k,) for k in keys]
+    if len(keys) <= 6:
+        left_out += list(itertools.combinations(keys, 2))
+    for drop in left_out:
+        candidate = new | {k: v for k, v in proposals.items() if k not in drop}
+        adopted: list[tuple[nn.Module, dict]] = []
+        if _rebuild_mismatch(model, config, candidate, view, changes, adopted) == ("", ""):
+            return candidate, adopted
+    return None
 
 
 def _hidden_width(model: nn.Module, view: _View) -> int | None:
@@ -720,7 +770,12 @@ def _warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None
 
 
 def _rebuild_mismatch(
-    model: nn.Module, config, new: dict, view: _View, changes: list[tuple[nn.Module, dict]]
+    model: nn.Module,
+    config,
+    new: dict,
+    view: _View,
+    changes: list[tuple[nn.Module, dict]],
+    adopted: list[tuple[nn.Module, dict]] | None = None,
 ) -> tuple[str, str]:
     """How a model built from the updated config (on meta) differs: (shapes, other), "" if not.
 
@@ -739,7 +794,12 @@ def _rebuild_mismatch(
             rebuilt = type(model)(candidate)
     except Exception as exc:  # a config the architecture rejects is not describable either
         return f"no model ({type(exc).__name__}: {exc})", ""
-    for name, tensor in rebuilt.state_dict().items():
+    built = rebuilt.state_dict()
+    ours = model.state_dict().keys()
+    if built.keys() != ours:
+        extra = sorted(set(built) ^ set(ours))
+        return f"other tensors ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})", ""
+    for name, tensor in built.items():
         if name in view.tensors and tuple(tensor.shape) != tuple(view.shape(name)):
             return f"{name} of shape {tuple(tensor.shape)}, not {tuple(view.shape(name))}", ""
     saved = rebuilt.state_dict().keys()
@@ -753,12 +813,16 @@ def _rebuild_mismatch(
         if module is None:
             continue
         after = {**vars(module), **pending.get(id(module), {})}
-        if "hidden_size" in new and isinstance(after.get("hidden_size"), int):
-            after["hidden_size"] = new["hidden_size"]  # _attribute_changes sets these
         for key, value in vars(built).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if key in after and after[key] != value:
-                    return "", f"{name or 'the model'}.{key} = {value}, not {after[key]}"
+                if key not in after or after[key] == value:
+                    continue
+                if type(value) is int and type(after[key]) is int and adopted is not None:
+                    # A size the constructor derives from the config (a layer's embed_dim):
+                    # the pruned module takes it, and the replay proves its forward with it.
+                    adopted.append((module, {key: value}))
+                    continue
+                return "", f"{name or 'the model'}.{key} = {value}, not {after[key]}"
     return "", ""
 
 
@@ -777,17 +841,13 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
             fallback = _experts_fallback(module, prefix, view)
             if fallback is not None and all(fallback[0] is not m for m, _ in fallbacks):
                 fallbacks.append(fallback)
-    config_changes = _uniform_config(model, view, changes)
+    config_changes, adopted = _uniform_config(model, view, changes)
     changes = [(m, {k: v for k, v in a.items() if "." not in k}) for m, a in changes]
     if config_changes:
         changes.append((model.config, config_changes))
-    hidden = _hidden_width(model, view) if hasattr(model, "config") else None
-    if hidden is not None:
-        # Decoder layers and MLPs keep a copy of the hidden size, config or not.
-        for module in model.modules():
-            if isinstance(getattr(module, "hidden_size", None), int):
-                changes.append((module, {"hidden_size": hidden}))
-    return changes + fallbacks
+    # Sizes the modules keep that the new config derives (a layer's hidden_size, embed_dim);
+    # fixers' values win where both name one.
+    return changes + adopted + fallbacks
 
 
 def _named_attributes(
@@ -820,8 +880,12 @@ def apply_kept_indices(
     low_memory: bool = False,
     optimizers: Iterable[Optimizer] = (),
     attributes: Mapping[str, Mapping[str, int]] | None = None,
+    widths: Mapping[int, Iterable[int]] | None = None,
 ) -> None:
     """Cut every (parameter or buffer, dim) of ``model`` down to its kept indices.
+
+    ``widths`` maps traced sizes the plan changes to their new sizes (a plan's
+    :attr:`~depprune.Plan.widths`): config fields may be sized by them.
 
     ``attributes`` maps module names to integer attributes to set as well (those
     :func:`depprune.verify.infer_attributes` found and the replay proved).
@@ -860,7 +924,7 @@ def apply_kept_indices(
     # Outside inference mode, so the new parameters can still be trained.
     with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
-        attribute_changes = _attribute_changes(model, _View(model, cuts, changed))
+        attribute_changes = _attribute_changes(model, _View(model, cuts, changed, widths))
         attribute_changes += _named_attributes(model, attributes or {})
         # Weak: a cut tensor alive after the cut is held elsewhere (maybe by an optimizer).
         old_tensors = [weakref.ref(cut.current()) for cut in cuts]

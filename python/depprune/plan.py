@@ -77,6 +77,8 @@ class Plan:
     #: Integer module attributes the cut sets beyond the built-in fixers (module name ->
     #: attribute -> value), inferred from the trace and proved by the replay.
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Traced sizes the plan changes -> their new sizes (what config fields may be sized by).
+    widths: dict[int, list[int]] = field(default_factory=dict)
     #: (plan fingerprint, model class) of the proof make_plan ran; not saved.
     _proved: tuple[str, type] | None = field(default=None, repr=False, compare=False)
 
@@ -124,7 +126,7 @@ class Plan:
     def fingerprint(self) -> str:
         """A hash of every kept index list and shape (what a proof is about)."""
         digest = hashlib.blake2b(digest_size=16)
-        digest.update(json.dumps(self.attributes, sort_keys=True).encode())
+        digest.update(json.dumps([self.attributes, self.widths], sort_keys=True).encode())
         for (name, dim), indices in sorted(self.kept.items()):
             digest.update(f"{name}\0{dim}\0{self.shapes.get(name)}\0".encode())
             digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
@@ -222,6 +224,7 @@ class Plan:
                 low_memory=low_memory,
                 optimizers=optimizers,
                 attributes=self.attributes,
+                widths=self.widths,
             )
 
     def _prove(self, model: nn.Module, example_inputs: Any) -> None:
@@ -290,6 +293,7 @@ class Plan:
             "groups": [list(vars(g).values()) for g in self.groups],
             "inputs": self.inputs,
             "attributes": self.attributes,
+            "widths": {str(k): v for k, v in self.widths.items()},
         }
         offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
         indices = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
@@ -379,12 +383,22 @@ class Plan:
             for name, values in attributes.items()
         ):
             raise InvalidPlanError("plan attributes must map module names to integer attributes")
+        widths = meta.get("widths") or {}
+        if not isinstance(widths, dict) or not all(
+            isinstance(k, str)
+            and k.isdigit()
+            and isinstance(v, list)
+            and all(type(x) is int and x >= 0 for x in v)
+            for k, v in widths.items()
+        ):
+            raise InvalidPlanError("plan widths must map sizes to lists of sizes")
         plan = cls(
             kept=kept,
             shapes=shapes,
             groups=groups,
             inputs=meta.get("inputs"),
             attributes=attributes,
+            widths={int(k): list(v) for k, v in widths.items()},
         )
         plan.validate()
         return plan

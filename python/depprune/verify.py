@@ -58,7 +58,7 @@ from depprune.tracer import (
     split_inputs,
 )
 
-__all__ = ["Divergence", "infer_attributes", "prove", "replay_plan"]
+__all__ = ["Divergence", "changed_widths", "infer_attributes", "prove", "replay_plan"]
 
 #: Replays one prove may spend before it keeps every remaining pruned group whole.
 MAX_REPLAYS = 64
@@ -252,14 +252,15 @@ def replay_plan(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            apply_kept_indices(twin, kept, attributes=attributes)
+            apply_kept_indices(
+                twin, kept, attributes=attributes, widths=changed_widths(graph, keep)
+            )
     except Exception as exc:
         return Divergence(-1, f"applying the plan fails ({type(exc).__name__}: {exc})")
     for warning in caught if exact_config else ():
         if issubclass(warning.category, ConfigWarning):
             return Divergence(-1, f"the config cannot describe the result: {warning.message}")
     sizes = graph._analysis.kept_sizes(np.ascontiguousarray(keep, dtype=np.uint8)).tolist()
-
     original = recording.equations.axis_sizes
     args, kwargs = split_inputs(graph.example_inputs)
     if on_meta:
@@ -290,6 +291,25 @@ def replay_plan(
     if got != want:
         return Divergence(-1, f"the pruned model's outputs have shapes {got}, not {want}")
     return None
+
+
+def changed_widths(graph: DependencyGraph, keep: np.ndarray) -> dict[int, list[int]]:
+    """Every traced size the plan changes, with the sizes it becomes (sorted).
+
+    >>> import torch, depprune
+    >>> graph = depprune.trace(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)),
+    ...                        torch.zeros(3, 2))
+    >>> changed_widths(graph, graph.keep_mask({0: [1, 2]}))
+    {4: [2]}
+    """
+    traced = np.asarray(graph.recording.equations.axis_sizes, dtype=np.int64)
+    kept = graph._analysis.kept_sizes(np.ascontiguousarray(keep, dtype=np.uint8))
+    moved = traced != kept
+    pairs = np.unique(np.stack([traced[moved], kept[moved]], axis=1), axis=0)
+    widths: dict[int, list[int]] = {}
+    for old, new in pairs.tolist():
+        widths.setdefault(old, []).append(new)
+    return widths
 
 
 def infer_attributes(
