@@ -193,3 +193,25 @@ def test_the_replay_predicts_every_shape_and_catches_a_wrong_one():
         model, graph, keep, graph.kept_indices(keep), attributes={"": {"num_heads": 2}}
     )
     assert proved is None
+
+
+def test_heads_a_norm_spans_are_kept_whole_with_the_reason(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Olmo2Config(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.Olmo2ForCausalLM(config).eval()
+    tokens = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    report = depprune.prune(model, {"input_ids": tokens})
+    assert model.config.num_attention_heads == 4 and model.config.num_key_value_heads == 2
+    assert any("q_norm normalises over every head" in line for line in report.kept_whole)
+    assert report.params_after < report.params_before  # hidden and neurons still go
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_same_outputs(outputs(model, tokens), outputs(reloaded, tokens), atol=1e-6)

@@ -31,7 +31,7 @@ from depprune._gc import paused_gc
 from depprune.errors import PlanMismatchError, SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
-from depprune.kinds import KINDS, group_kinds, params_per_unit
+from depprune.kinds import KINDS, _is_hidden_norm, group_kinds, params_per_unit
 from depprune.optimizer_state import checked_optimizers
 from depprune.plan import GroupChoice, Plan
 from depprune.selection import Scope, check_ratios, layer_role, select
@@ -224,6 +224,8 @@ def make_plan(
             else group_kinds(graph, model)
         )
         chosen = _outermost_factors(graph, [g for g in graph.groups if kind_of[g.index] in wanted])
+        spanned = _heads_under_a_norm(graph, model, chosen, kind_of)
+        chosen = [g for g in chosen if g.index not in spanned]
         scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
         has_config = hasattr(getattr(model, "config", None), "to_dict")
         # A config sizes every layer alike: a group kept whole keeps its role whole.
@@ -250,11 +252,11 @@ def make_plan(
         removed = choose(set())
         if uniform is None and has_config:
             _check_even(model, graph, removed, role_of)
-        reasons: dict[int, str] = {}
+        reasons: dict[int, str] = dict(spanned)
         attributes: dict[str, dict[str, int]] = {}
         if verify and getattr(graph, "recording", None) is not None:
             # Default kinds promise a config that reloads exactly; explicit kinds only warn.
-            removed, reasons, attributes = prove(
+            removed, refuted, attributes = prove(
                 model,
                 graph,
                 removed,
@@ -263,6 +265,7 @@ def make_plan(
                 exact_config=kinds is None,
                 role_of=role_of.get if role_of else None,
             )
+            reasons.update(refuted)
         elif verify:
             raise PlanMismatchError(
                 "make_plan needs a graph from depprune.trace (with its recorded ops) to prove "
@@ -300,6 +303,30 @@ def make_plan(
         if verify:
             plan.mark_proved(model)
         return plan
+
+
+def _heads_under_a_norm(
+    graph: DependencyGraph, model: nn.Module, chosen: list, kind_of: Mapping[int, str]
+) -> dict[int, str]:
+    """Head groups a norm spans (OLMo-2's q/k norms over every head), with the reason.
+
+    Removing a head there changes what the norm divides the kept heads by, so their
+    outputs would drift; a norm per head (Qwen3) spans head_dim, not heads.
+    """
+    modules = dict(model.named_modules())
+    found = {}
+    for g in chosen:
+        if kind_of[g.index] != "heads":
+            continue
+        norms = [
+            name for name, _ in g.members if _is_hidden_norm(modules.get(name.rpartition(".")[0]))
+        ]
+        if norms:
+            found[g.index] = (
+                f"{norms[0].rpartition('.')[0]} normalises over every head, so removing heads "
+                "would change the kept heads' outputs"
+            )
+    return found
 
 
 def _outermost_factors(graph: DependencyGraph, chosen: list) -> list:
