@@ -287,10 +287,25 @@ def test_default_prune_reloads_exactly(name, tmp_path, recwarn):
     assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
 
 
-def test_pruning_gemma_hidden_warns_that_a_reload_would_differ():
-    model = seeded(HF["GemmaForCausalLM"])().eval()
-    with pytest.warns(UserWarning, match=r"scalar_embed_scale = 4.0, not 5.65"):
-        depprune.prune(model, {"input_ids": TOKENS}, kinds=("hidden",))
+@pytest.mark.parametrize("name", sorted(EMBED_SCALED))
+def test_gemma_embedding_scale_is_folded_into_the_weights(name, tmp_path, monkeypatch):
+    """sqrt(hidden_size) scaling: the pruned model is the plain cut, and reloads exactly."""
+    import depprune.apply as apply_module
+
+    model = seeded(HF[name])().eval()
+    plan = depprune.make_plan(model, {"input_ids": TOKENS}, kinds=("hidden",))
+    # The plain cut: its forward keeps multiplying by the old scale buffer, nothing folded.
+    plain = seeded(HF[name])().eval()
+    monkeypatch.setattr(apply_module, "_fold_scales", lambda *args: [])
+    apply_module.apply_kept_indices(plain, plan.kept)
+    monkeypatch.undo()
+    plan.apply(model)
+    assert model.config.hidden_size == 16
+    assert model.get_input_embeddings().scalar_embed_scale == pytest.approx(16**0.5)
+    assert_same_outputs(outputs(plain, TOKENS), outputs(model, TOKENS), atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_same_outputs(outputs(model, TOKENS), outputs(reloaded, TOKENS), atol=1e-6)
 
 
 def test_transformers_vit():

@@ -60,6 +60,8 @@ class _Cut:
     dims: dict[int, torch.Tensor]
     shape: torch.Size
     new: torch.Tensor | None = None
+    #: A value change folded into the cut tensor (an embedding scale moved into the weights).
+    fold: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def current(self) -> torch.Tensor:
         module, attr, is_param = self.owners[0]
@@ -85,6 +87,8 @@ class _Cut:
             # Dim 0 first: whole rows are contiguous copies, and later gathers get smaller.
             for dim, index in sorted(cuts.items()):
                 new = new.index_select(dim, index)
+        if self.fold is not None:
+            new = self.fold(new if new.data_ptr() != old.data_ptr() else new.clone())
         if isinstance(old, nn.Parameter):
             new = _like_parameter(old, new)
         return new
@@ -307,6 +311,8 @@ class _View:
         #: Traced sizes the plan changes, with their new sizes (from the replay's axes):
         #: what config fields no tensor dim shows (a head count) may be sized by.
         self.widths = {int(k): {int(x) for x in v} for k, v in (widths or {}).items()}
+        #: Value folds for cut tensors, by tensor name (see _fold_scales).
+        self.folds: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._tensors = {n: getattr(m, a) for n, (m, a, _) in named_tensors(model).items()}
         self._new_shape = {c.key: c.shape for c in cuts}
         self.changed = dict(changed)
@@ -769,6 +775,51 @@ def _warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None
     warnings.warn(message, category, stacklevel=level)
 
 
+#: Float attributes of scaled embeddings (Gemma's sqrt(hidden_size)) a config recomputes.
+_EMBED_SCALES = ("scalar_embed_scale", "embed_scale")
+
+
+def _fold_scales(
+    model: nn.Module, view: _View, changes: list[tuple[nn.Module, dict]]
+) -> list[tuple[nn.Module, dict]]:
+    """Move a scaled embedding's old scale into its weights, so the new scale holds.
+
+    The pruned model computes ``E[x] * old``; reloaded, it computes ``E'[x] * new``:
+    with ``E' = E * old / new`` both are the old function. A head tied to the
+    embedding would read ``E'`` too, so the final norm before it scales by
+    ``new / old`` (``(1 + w)`` norms as Gemma's: ``w' = (1 + w) * c - 1``).
+    """
+    import inspect
+
+    extra: list[tuple[nn.Module, dict]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    for module, attrs in changes:
+        if not isinstance(module, nn.Embedding):
+            continue
+        for key, new_scale in list(attrs.items()):
+            if key not in _EMBED_SCALES or not isinstance(new_scale, float):
+                continue
+            factor = float(getattr(module, key)) / new_scale
+            weight = f"{names[id(module)]}.weight"
+            view.folds[weight] = lambda t, f=factor: t.mul_(f)
+            buffer = module._buffers.get("embed_scale")
+            if buffer is not None:
+                extra.append((module, {"embed_scale": torch.full_like(buffer, new_scale)}))
+            head = getattr(model, "get_output_embeddings", lambda: None)()
+            tied = head is not None and getattr(head, "weight", None) is module.weight
+            norm = getattr(getattr(model, "model", None), "norm", None)
+            if tied and norm is not None and getattr(norm, "weight", None) is not None:
+                source = inspect.getsource(type(norm).forward)
+                offset = "1.0 + self.weight" in source or "1 + self.weight" in source
+                c = 1.0 / factor
+                view.folds[f"{names[id(norm)]}.weight"] = (
+                    (lambda t, c=c: t.add_(1.0).mul_(c).sub_(1.0))
+                    if offset
+                    else (lambda t, c=c: t.mul_(c))
+                )
+    return extra
+
+
 def _rebuild_mismatch(
     model: nn.Module,
     config,
@@ -817,6 +868,15 @@ def _rebuild_mismatch(
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if key not in after or after[key] == value:
                     continue
+                if (
+                    key in _EMBED_SCALES
+                    and isinstance(module, nn.Embedding)
+                    and isinstance(value, float)
+                    and adopted is not None
+                ):
+                    # sqrt(hidden_size) embedding scaling: folded into the weights (_fold_scales).
+                    adopted.append((module, {key: value}))
+                    continue
                 if type(value) is int and type(after[key]) is int and adopted is not None:
                     # A size the constructor derives from the config (a layer's embed_dim):
                     # the pruned module takes it, and the replay proves its forward with it.
@@ -842,6 +902,7 @@ def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, d
             if fallback is not None and all(fallback[0] is not m for m, _ in fallbacks):
                 fallbacks.append(fallback)
     config_changes, adopted = _uniform_config(model, view, changes)
+    adopted += _fold_scales(model, view, adopted)
     changes = [(m, {k: v for k, v in a.items() if "." not in k}) for m, a in changes]
     if config_changes:
         changes.append((model.config, config_changes))
@@ -924,7 +985,13 @@ def apply_kept_indices(
     # Outside inference mode, so the new parameters can still be trained.
     with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
-        attribute_changes = _attribute_changes(model, _View(model, cuts, changed, widths))
+        view = _View(model, cuts, changed, widths)
+        attribute_changes = _attribute_changes(model, view)
+        for name, fold in view.folds.items():
+            key = id(view.tensors[name])
+            for cut in cuts:
+                if cut.key == key:
+                    cut.fold = fold
         attribute_changes += _named_attributes(model, attributes or {})
         # Weak: a cut tensor alive after the cut is held elsewhere (maybe by an optimizer).
         old_tensors = [weakref.ref(cut.current()) for cut in cuts]
@@ -953,8 +1020,10 @@ def apply_kept_indices(
             _refresh_masked(model, changed, undo)
             where = "the optimizers' parameters"
             remap.commit()  # last: it undoes itself if it fails
-    except Exception as exc:
+    except BaseException as exc:
         _undo(undo)
+        if not isinstance(exc, Exception):
+            raise  # Ctrl-C, SystemExit: undone, and passed on as they are
         raise PlanMismatchError(
             f"setting {where} failed ({type(exc).__name__}: {exc}); every change was undone, "
             "so the model is as it was"
@@ -1028,6 +1097,14 @@ def _swap_one_by_one(cuts: list[_Cut], optimizers: Sequence[Optimizer]) -> None:
                     "the model (and the optimizers given) are partly cut: reload it, free "
                     "memory and apply again"
                 ) from exc
+            except BaseException as exc:
+                # The old tensors already swapped are freed: say what state is left.
+                if hasattr(exc, "add_note"):
+                    exc.add_note(
+                        f"depprune: low_memory apply stopped after cutting {done} of "
+                        f"{len(cuts)} tensors; the model is partly cut: reload it"
+                    )
+                raise
             cut.assign(new, None)
             remap.commit()
             del remap  # it holds the old tensor: free it before the next cut
