@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_DECODER
 
 
 def _load_bench():
@@ -43,15 +44,7 @@ def tokens() -> dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
-DECODER = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+DECODER = TINY_DECODER
 
 CASES = [
     Case("resnet18", "torchvision", "cnn", lambda: (tv.resnet18(num_classes=10), image(32))),

@@ -619,7 +619,9 @@ def test_item_on_meta_gets_a_neutral_answer_and_a_note():
     cpu = record(DataDependent(), torch.zeros(2, 4), shadow=False)
     assert not any(".item()" in note for note in cpu.notes)
     assert cpu.unsupported_ops == {}
-    assert trace(DataDependent(), torch.zeros(2, 4), strict=True, shadow=False).num_ops == cpu.num_ops
+    assert (
+        trace(DataDependent(), torch.zeros(2, 4), strict=True, shadow=False).num_ops == cpu.num_ops
+    )
 
 
 def test_unknown_op_is_frozen_and_listed():

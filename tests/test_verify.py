@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from pruning_oracle import assert_same_outputs, outputs, zeroed_copy
+from tiny_models import TINY_DECODER
 from torch import nn
 
 import depprune
@@ -197,14 +198,7 @@ def test_the_replay_predicts_every_shape_and_catches_a_wrong_one():
 
 def test_heads_a_norm_spans_are_kept_whole_with_the_reason(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.Olmo2Config(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = transformers.Olmo2Config(**TINY_DECODER)
     torch.manual_seed(0)
     model = transformers.Olmo2ForCausalLM(config).eval()
     tokens = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -304,18 +304,9 @@ class _Recorder(TorchDispatchMode):
             kwargs = {}
         run = func
         if rare:
-            # The rare paths, kept off the per-op fast path.
-            if func in _DATA_DEPENDENT and args and args[0].is_meta:
-                return self._neutral(func, args[0])
-            if func in _DATA_DEPENDENT_SHAPES and args and args[0].is_meta:
-                run = self._neutral_shape(func, args, kwargs)
-            if rule is None:
-                # Composite ops (conv2d under inference_mode) run as their decomposition,
-                # whose ops come back through this mode and have rules.
-                with self:
-                    out = func.decompose(*args, **(kwargs or {}))
-                if out is not NotImplemented:
-                    return out
+            done, run = self._rare(func, rule, args, kwargs)
+            if done:
+                return run
             if rule is None and self.strict:
                 self.error = UnsupportedOpError(
                     f"{func.overloadpacket} has no axis rule; pass strict=False to freeze its "
@@ -364,6 +355,23 @@ class _Recorder(TorchDispatchMode):
         if note:
             self.notes[note] += 1
         return out
+
+    def _rare(self, func, rule: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        """The rare paths, kept off the per-op fast path: ``(True, result)`` when answered
+        here, else ``(False, what to run)``. The replay takes the same ones."""
+        run = func
+        if func in _DATA_DEPENDENT and args and args[0].is_meta:
+            return True, self._neutral(func, args[0])
+        if func in _DATA_DEPENDENT_SHAPES and args and args[0].is_meta:
+            run = self._neutral_shape(func, args, kwargs)
+        if rule is None:
+            # Composite ops (conv2d under inference_mode) run as their decomposition,
+            # whose ops come back through this mode and have rules.
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return True, out
+        return False, run
 
     def _neutral_shape(self, func, args: tuple, kwargs: dict) -> Any:
         """``func``, or its fullest-case answer on meta when its shape depends on values."""

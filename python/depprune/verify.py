@@ -49,8 +49,6 @@ from depprune.errors import ConfigWarning, PlanMismatchError
 from depprune.graph import DependencyGraph
 from depprune.shadow import ShadowError, meta_inputs, meta_shadow
 from depprune.tracer import (
-    _DATA_DEPENDENT,
-    _DATA_DEPENDENT_SHAPES,
     OpLog,
     TraceResult,
     _Recorder,
@@ -141,15 +139,9 @@ class _Replayer(_Recorder):
         run = func
         if rare:
             # The same rare paths as the trace took, so the same calls come back.
-            if func in _DATA_DEPENDENT and args and args[0].is_meta:
-                return self._neutral(func, args[0])
-            if func in _DATA_DEPENDENT_SHAPES and args and args[0].is_meta:
-                run = self._neutral_shape(func, args, kwargs)
-            if rule is None:
-                with self:
-                    out = func.decompose(*args, **kwargs)
-                if out is not NotImplemented:
-                    return out
+            done, run = self._rare(func, rule, args, kwargs)
+            if done:
+                return run
         if func in _BOOKKEEPING:
             return func(*args, **kwargs)
         order, log = self.order, self.log
