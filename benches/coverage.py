@@ -307,6 +307,12 @@ def check(case: Case, setting: str = "default", *, max_params: int | None = None
         return result
 
 
+def _split(inputs):
+    from depprune.tracer import split_inputs
+
+    return split_inputs(inputs)
+
+
 def _check_built(case, setting, model, inputs, result, torch, depprune, DeppruneError) -> Result:
     from pruning_oracle import constant_outputs, outputs, zeroed_copy
 
@@ -389,6 +395,25 @@ def _check_built(case, setting, model, inputs, result, torch, depprune, Depprune
     if not removed:
         result.notes.append("nothing was removed")
     free, spanned = _oracle_groups(graph, original, removed)
+    if free and case.detection:
+        # After NMS, detections follow tiny value differences (which boxes pass, in which
+        # order): compare the backbone's feature maps, where the pruned channels live.
+        images = original.transform(*_split(inputs)[0])[0].tensors
+        inside = {
+            g: u
+            for g, u in free.items()
+            if all(name.startswith("backbone.") for name, _ in graph.groups[g].members)
+        }
+        zeroed = zeroed_copy(original, graph, free)
+        result.oracle = (
+            f"{len(inside)}/{len(removed)} removed groups (those inside the backbone, on its "
+            "features; detections after NMS are value-driven)"
+        )
+        why = _compare(outputs(zeroed.backbone, images), outputs(model.backbone, images), case.atol)
+        if why:
+            result.status, result.reason = "WRONG", "mask oracle (backbone): " + why
+            return result
+        free = {}
     if free:
         expected = outputs(zeroed_copy(original, graph, free), inputs)
         if spanned:

@@ -25,12 +25,38 @@ def is_norm(module: nn.Module | None) -> bool:
     return module is not None and type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
+_aten = torch.ops.aten
+#: Batch-norm kernels: statistics over every dim but 1, whatever tensor they normalise.
+_BATCH_NORMS = {
+    getattr(_aten, name).default
+    for name in ("_native_batch_norm_legit", "_native_batch_norm_legit_no_training")
+    if hasattr(_aten, name)
+} | {_aten.native_batch_norm.default}
+
+
 def norm_spanned_groups(graph: DependencyGraph, model: nn.Module) -> set[int]:
-    """Groups with a member inside a layer/group/RMS norm (the oracle cannot zero those)."""
+    """Groups a normalisation spans, so zeroing cannot stand for removing (the oracle skips them).
+
+    A member inside a layer/group/RMS norm; or an axis a batch norm takes its statistics
+    over (weight standardisation: ``batch_norm`` on a conv weight spans its input channels).
+    """
     owners = ScoreContext.from_model(graph, model).owners
-    return {
+    spanned = {
         g.index for g in graph.groups if any(is_norm(owners.get(name)) for name, _ in g.members)
     }
+    log = getattr(getattr(graph, "recording", None), "log", None)
+    if log is not None:
+        reduced = [
+            axis
+            for func, inputs in zip(log.funcs, log.inputs, strict=True)
+            if func in _BATCH_NORMS and inputs
+            for dim, axis in enumerate(inputs[0])
+            if dim != 1
+        ]
+        if reduced:
+            _, groups = graph._analysis.groups_of_axes(np.asarray(reduced, dtype=np.int64))
+            spanned |= set(groups.tolist())
+    return spanned
 
 
 def predicted_param_count(model: nn.Module, kept: Mapping[tuple[str, int], np.ndarray]) -> int:

@@ -59,6 +59,23 @@ def _tensor_attributes(value: Any, found: list[torch.Tensor], depth: int = 0) ->
             _tensor_attributes(item, found, depth + 1)
 
 
+def _device_cache(cache: dict, memo: dict[int, Any]) -> None:
+    """A dict of tensors keyed by their own device (timm's eval-mode attention-bias cache)
+    is a per-device cache: the shadow keys it by its device, so that its forward takes
+    the cached tensors as the model's forward will, not the tables they came from."""
+    if not cache or not all(
+        isinstance(v, torch.Tensor) and k == str(v.device) for k, v in cache.items()
+    ):
+        return
+    twin = {}
+    for value in cache.values():
+        meta = memo.get(id(value))
+        if meta is None:
+            meta = memo[id(value)] = _meta_like(value)
+        twin["meta"] = meta
+    memo[id(cache)] = twin
+
+
 def meta_shadow(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every tensor it holds on the meta device.
 
@@ -74,6 +91,9 @@ def meta_shadow(model: nn.Module) -> nn.Module:
         for key, value in vars(module).items():
             if not key.startswith("_"):
                 _tensor_attributes(value, held)
+        for key, value in vars(module).items():
+            if not key.startswith("_") and isinstance(value, dict):
+                _device_cache(value, memo)
         for tensor in held:
             if id(tensor) in memo:
                 continue
