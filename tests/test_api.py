@@ -226,7 +226,7 @@ def test_low_memory_apply_gives_the_same_model():
 @pytest.mark.parametrize("dims", [(1,), (0, 1)])
 def test_cpu_cuts_by_bytes_match_torch_indexing(monkeypatch, dtype, shape, dims):
     """The CPU fast path (numpy take on the same bytes, rows in chunks over threads) is exact."""
-    from depprune import apply
+    from depprune.apply import cuts as apply
 
     monkeypatch.setattr(apply, "_CHUNK_BYTES", 1)  # a chunk per row: several threads at work
     source = (torch.randn(*shape) * 10).to(dtype)
@@ -243,7 +243,7 @@ def test_cpu_cuts_by_bytes_match_torch_indexing(monkeypatch, dtype, shape, dims)
 
 
 def test_cpu_cut_declines_what_torch_should_do():
-    from depprune import apply
+    from depprune.apply import cuts as apply
 
     rows = {0: torch.tensor([0, 1])}
     assert apply._take_on_cpu(torch.zeros(4, 4), rows) is None  # whole rows: index_select copies

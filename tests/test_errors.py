@@ -321,7 +321,8 @@ class NoEmbeddings(nn.Module):
 
 
 def test_get_input_embeddings_not_implemented_means_no_embedding():
-    from depprune.apply import _hidden_width, _View
+    from depprune.apply.config import _hidden_width
+    from depprune.apply.fixers import _View
 
     torch.manual_seed(0)
     model = NoEmbeddings()

@@ -291,12 +291,13 @@ def test_default_prune_reloads_exactly(name, tmp_path, recwarn):
 def test_gemma_embedding_scale_is_folded_into_the_weights(name, tmp_path, monkeypatch):
     """sqrt(hidden_size) scaling: the pruned model is the plain cut, and reloads exactly."""
     import depprune.apply as apply_module
+    import depprune.apply.config as config_module
 
     model = seeded(HF[name])().eval()
     plan = depprune.make_plan(model, {"input_ids": TOKENS}, kinds=("hidden",))
     # The plain cut: its forward keeps multiplying by the old scale buffer, nothing folded.
     plain = seeded(HF[name])().eval()
-    monkeypatch.setattr(apply_module, "_fold_scales", lambda *args: [])
+    monkeypatch.setattr(config_module, "_fold_scales", lambda *args: [])
     apply_module.apply_kept_indices(plain, plan.kept)
     monkeypatch.undo()
     plan.apply(model)

@@ -11,9 +11,9 @@ import transformers
 from torch import nn
 
 import depprune
-from depprune import apply as apply_module
 from depprune.apply import apply_kept_indices
-from depprune.optimizer_state import remap_optimizers
+from depprune.apply import cuts as apply_module
+from depprune.apply.optimizer_state import remap_optimizers
 from tests.tiny_models import TINY_DECODER, tokens
 
 STALE = "still holds"

@@ -28,11 +28,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from depprune._gc import paused_gc
+from depprune.apply.optimizer_state import checked_optimizers
 from depprune.errors import PlanMismatchError, SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
 from depprune.kinds import KINDS, _is_hidden_norm, group_kinds, params_per_unit
-from depprune.optimizer_state import checked_optimizers
 from depprune.plan import GroupChoice, Plan
 from depprune.selection import Scope, check_ratios, layer_role, select
 from depprune.shadow import input_spec, meta_shadow

@@ -198,7 +198,7 @@ class Plan:
 
         Pass the optimizers made before pruning as ``optimizers=[...]``: their
         state is cut like the parameters and their param groups hold the new
-        ones, so training goes on (:mod:`depprune.optimizer_state`); an
+        ones, so training goes on (:mod:`depprune.apply.optimizer_state`); an
         optimizer left out that holds cut parameters gets a warning.
         """
         tensors = named_tensors(model)

@@ -1,0 +1,294 @@
+"""Apply stage, configs: takes the fixers' sizes, gives the Hugging Face config that
+describes the pruned model, proved by building the architecture from it on meta.
+
+Fields no fixer names are sized by inference (a field whose value is a width the
+plan changes); sizes the constructor derives are adopted from the rebuilt model;
+Gemma-style embedding scales are folded into the weights.
+
+>>> _EMBED_SCALES
+('scalar_embed_scale', 'embed_scale')
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+from torch import nn
+
+from depprune.apply.fixers import (
+    _experts_fallback,
+    _fix_experts,
+    _fix_group_norm,
+    _fix_layer_norm,
+    _fixer_for,
+    _View,
+    _warn_at_caller,
+)
+from depprune.errors import ConfigWarning, PlanMismatchError
+
+
+def _uniform_config(
+    model: nn.Module, view: _View, changes: list[tuple[nn.Module, dict]]
+) -> tuple[dict[str, object], list[tuple[nn.Module, dict]]]:
+    """Config fields every layer agrees on, plus the hidden size from the input embedding;
+    and the integer module attributes a model built from that config has (adopted).
+
+    A config that cannot describe the pruned model (layers of different
+    widths, or a head_dim the config derives from hidden_size and the head
+    count) is left as it was, with a warning: the pruned model runs, but
+    ``from_pretrained`` could not rebuild it.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}, []
+    values: dict[str, set] = {}
+    for _, attrs in changes:
+        for key, value in attrs.items():
+            if key.startswith("config."):
+                values.setdefault(key.removeprefix("config."), set()).add(int(value))
+    hidden = _hidden_width(model, view)
+    if hidden is not None:
+        values["hidden_size"] = {hidden}
+    uneven = {key: sorted(found) for key, found in values.items() if len(found) > 1}
+    if uneven:
+        if any(attrs.get("config.required") for _, attrs in changes):
+            raise PlanMismatchError(
+                f"layers would keep different sizes {uneven}, but "
+                f"{type(model).__name__}'s forward reads them from its one config; "
+                "prune every layer by the same ratio (local ranking, no per-layer ratios)"
+            )
+        _config_warning(f"layers keep different sizes {uneven}", "the config is left unchanged")
+        return {}, []
+    required = values.pop("required", None) is not None
+    if getattr(config, "model_type", "") == "gpt2" and "intermediate_size" in values:
+        values["n_inner"] = values.pop("intermediate_size")  # GPT-2 names its MLP width so
+    # Keys the config lacks stay out, except head_dim, which models read with getattr.
+    new = {
+        key: found.pop()
+        for key, found in values.items()
+        if hasattr(config, key) or key == "head_dim"
+    }
+    if "head_dim" in new and new["head_dim"] == getattr(config, "head_dim", None):
+        del new["head_dim"]
+    new = {key: value for key, value in new.items() if getattr(config, key, None) != value}
+    # Rebuilt even when no field changes: a width the config has no field for shows up here.
+    adopted: list[tuple[nn.Module, dict]] = []
+    shapes, other = _rebuild_mismatch(model, config, new, view, changes, adopted)
+    if shapes or other:
+        inferred = _infer_config_fields(model, config, new, view, changes)
+        if inferred is not None:
+            new, adopted = inferred
+            shapes, other = "", ""
+    if shapes:
+        if required:
+            raise PlanMismatchError(
+                f"{type(model).__name__}'s forward reads its sizes from the config, but a config "
+                f"with {new} builds {shapes}; prune every layer by the same ratio"
+            )
+        _config_warning(f"a config with {new} builds {shapes}", "the config is left unchanged")
+        return {}, []
+    if other:
+        _config_warning(
+            f"a model built from it has {other}",
+            f"the config gets {new}, so the pruned model loads, but its outputs would differ",
+        )
+    return new, adopted
+
+
+def _infer_config_fields(
+    model: nn.Module, config, new: dict, view: _View, changes: list[tuple[nn.Module, dict]]
+) -> tuple[dict, list[tuple[nn.Module, dict]]] | None:
+    """Config fields no fixer names (``ffn_dim``, ``n_inner``, ``d_ff``, ``n_head``...) by what
+    they size: a field whose value is a width the plan changes, to one new size, gets it.
+    The proposal holds only if a model built from it on meta matches the pruned one."""
+    widths: dict[int, set[int]] = {k: set(v) for k, v in view.widths.items()}
+    for name, dims in view.changed.items():
+        old, now = view.old_shape(name), view.shape(name)
+        for dim in dims:
+            widths.setdefault(int(old[dim]), set()).add(int(now[dim]))
+    proposals = {}
+    for key, value in vars(config).items():
+        if key.startswith("_") or key in new or type(value) is not int:
+            continue
+        found = widths.get(value)
+        if found is not None and len(found) == 1:
+            proposals[key] = next(iter(found))
+    if not proposals:
+        return None
+    # All proposals, then without one or two of them (fields that only happen to match).
+    keys = sorted(proposals)
+    left_out: list[tuple[str, ...]] = [()] + [(k,) for k in keys]
+    if len(keys) <= 6:
+        left_out += list(itertools.combinations(keys, 2))
+    for drop in left_out:
+        candidate = new | {k: v for k, v in proposals.items() if k not in drop}
+        adopted: list[tuple[nn.Module, dict]] = []
+        if _rebuild_mismatch(model, config, candidate, view, changes, adopted) == ("", ""):
+            return candidate, adopted
+    return None
+
+
+def _hidden_width(model: nn.Module, view: _View) -> int | None:
+    """The hidden size after the cut, read from the input embedding; None if unknown."""
+    try:
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    except (NotImplementedError, AttributeError):
+        # transformers' PreTrainedModel raises this for models without input embeddings.
+        return None
+    names = {id(mod): name for name, mod in model.named_modules()}
+    if id(embeddings) not in names:
+        return None
+    if isinstance(embeddings, nn.Embedding):
+        return int(view.shape(f"{names[id(embeddings)]}.weight")[1])
+    if isinstance(getattr(embeddings, "projection", None), nn.Conv2d):
+        # Vision transformers embed patches with a conv: its channels are the hidden size.
+        return int(view.shape(f"{names[id(embeddings)]}.projection.weight")[0])
+    return None
+
+
+def _config_warning(why: str, what: str) -> None:
+    _warn_at_caller(
+        category=ConfigWarning,
+        message=f"the pruned model runs correctly, but its config cannot fully describe it ({why}); "
+        f"{what}. Prune every layer by the same ratio, and heads rather than head_dim "
+        "(kinds=('hidden', 'heads', 'neurons')), to keep a config from_pretrained rebuilds "
+        "exactly",
+    )
+
+
+#: Float attributes of scaled embeddings (Gemma's sqrt(hidden_size)) a config recomputes.
+_EMBED_SCALES = ("scalar_embed_scale", "embed_scale")
+
+
+def _fold_scales(
+    model: nn.Module, view: _View, changes: list[tuple[nn.Module, dict]]
+) -> list[tuple[nn.Module, dict]]:
+    """Move a scaled embedding's old scale into its weights, so the new scale holds.
+
+    The pruned model computes ``E[x] * old``; reloaded, it computes ``E'[x] * new``:
+    with ``E' = E * old / new`` both are the old function. A head tied to the
+    embedding would read ``E'`` too, so the final norm before it scales by
+    ``new / old`` (``(1 + w)`` norms as Gemma's: ``w' = (1 + w) * c - 1``).
+    """
+    import inspect
+
+    extra: list[tuple[nn.Module, dict]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    for module, attrs in changes:
+        if not isinstance(module, nn.Embedding):
+            continue
+        for key, new_scale in list(attrs.items()):
+            if key not in _EMBED_SCALES or not isinstance(new_scale, float):
+                continue
+            factor = float(getattr(module, key)) / new_scale
+            weight = f"{names[id(module)]}.weight"
+            view.folds[weight] = lambda t, f=factor: t.mul_(f)
+            buffer = module._buffers.get("embed_scale")
+            if buffer is not None:
+                extra.append((module, {"embed_scale": torch.full_like(buffer, new_scale)}))
+            head = getattr(model, "get_output_embeddings", lambda: None)()
+            tied = head is not None and getattr(head, "weight", None) is module.weight
+            norm = getattr(getattr(model, "model", None), "norm", None)
+            if tied and norm is not None and getattr(norm, "weight", None) is not None:
+                source = inspect.getsource(type(norm).forward)
+                offset = "1.0 + self.weight" in source or "1 + self.weight" in source
+                c = 1.0 / factor
+                view.folds[f"{names[id(norm)]}.weight"] = (
+                    (lambda t, c=c: t.add_(1.0).mul_(c).sub_(1.0))
+                    if offset
+                    else (lambda t, c=c: t.mul_(c))
+                )
+    return extra
+
+
+def _rebuild_mismatch(
+    model: nn.Module,
+    config,
+    new: dict,
+    view: _View,
+    changes: list[tuple[nn.Module, dict]],
+    adopted: list[tuple[nn.Module, dict]] | None = None,
+) -> tuple[str, str]:
+    """How a model built from the updated config (on meta) differs: (shapes, other), "" if not.
+
+    Tensor shapes must match; numbers the modules keep (attention ``scaling``
+    derived from head_dim) must match the pruned modules'; and no buffer the
+    constructor recomputes from the config (RoPE's ``inv_freq``) may be cut.
+    """
+    import copy
+
+    candidate = copy.deepcopy(config)
+    for key, value in new.items():
+        setattr(candidate, key, value)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rebuilt = type(model)(candidate)
+    except Exception as exc:  # a config the architecture rejects is not describable either
+        return f"no model ({type(exc).__name__}: {exc})", ""
+    built = rebuilt.state_dict()
+    ours = model.state_dict().keys()
+    if built.keys() != ours:
+        extra = sorted(set(built) ^ set(ours))
+        return f"other tensors ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})", ""
+    for name, tensor in built.items():
+        if name in view.tensors and tuple(tensor.shape) != tuple(view.shape(name)):
+            return f"{name} of shape {tuple(tensor.shape)}, not {tuple(view.shape(name))}", ""
+    saved = rebuilt.state_dict().keys()
+    for name, _ in rebuilt.named_buffers():
+        if name not in saved and name in view.changed:
+            return "", f"{name} recomputed from the config, not the pruned one"
+    pending = {id(module): attrs for module, attrs in changes}
+    modules = dict(model.named_modules())
+    for name, built in rebuilt.named_modules():
+        module = modules.get(name)
+        if module is None:
+            continue
+        after = {**vars(module), **pending.get(id(module), {})}
+        for key, value in vars(built).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key not in after or after[key] == value:
+                    continue
+                if (
+                    key in _EMBED_SCALES
+                    and isinstance(module, nn.Embedding)
+                    and isinstance(value, float)
+                    and adopted is not None
+                ):
+                    # sqrt(hidden_size) embedding scaling: folded into the weights (_fold_scales).
+                    adopted.append((module, {key: value}))
+                    continue
+                if type(value) is int and type(after[key]) is int and adopted is not None:
+                    # A size the constructor derives from the config (a layer's embed_dim):
+                    # the pruned module takes it, and the replay proves its forward with it.
+                    adopted.append((module, {key: value}))
+                    continue
+                return "", f"{name or 'the model'}.{key} = {value}, not {after[key]}"
+    return "", ""
+
+
+def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, dict]]:
+    changes = []
+    fallbacks = []
+    for module_name, module in model.named_modules():
+        fixer = _fixer_for(module)
+        prefix = f"{module_name}." if module_name else ""
+        if fixer is None or not any(name.startswith(prefix) for name in view.changed):
+            continue
+        if fixer in (_fix_layer_norm, _fix_group_norm) and module.weight is None:
+            continue
+        changes.append((module, fixer(module, prefix, view)))
+        if fixer is _fix_experts:
+            fallback = _experts_fallback(module, prefix, view)
+            if fallback is not None and all(fallback[0] is not m for m, _ in fallbacks):
+                fallbacks.append(fallback)
+    config_changes, adopted = _uniform_config(model, view, changes)
+    adopted += _fold_scales(model, view, adopted)
+    changes = [(m, {k: v for k, v in a.items() if "." not in k}) for m, a in changes]
+    if config_changes:
+        changes.append((model.config, config_changes))
+    # Sizes the modules keep that the new config derives (a layer's hidden_size, embed_dim);
+    # fixers' values win where both name one.
+    return changes + adopted + fallbacks
