@@ -11,6 +11,7 @@
 from depprune.api import PruneReport, make_plan, prune, trace
 from depprune.equations import AxisEquations
 from depprune.errors import (
+    ConfigWarning,
     DeppruneError,
     ImportanceError,
     InternalError,
@@ -27,6 +28,7 @@ from depprune.plan import Plan
 
 __all__ = [
     "AxisEquations",
+    "ConfigWarning",
     "DependencyGraph",
     "DeppruneError",
     "Group",
