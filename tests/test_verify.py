@@ -101,6 +101,19 @@ class PositionsAdded(Base):
         return self.b(h + torch.arange(h.shape[-1]))
 
 
+class LiteralShuffle(nn.Module):
+    """A channel shuffle that views with a literal group count: only the slots can go."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.b = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x).view(x.shape[0], 4, -1).transpose(1, 2).reshape(x.shape[0], -1)
+        return self.b(h.relu())
+
+
 CASES = {
     # model: (parameters after a 50% prune, reason expected for what stays whole)
     LiteralHeadDim: (67, None),  # -1 is the head count: whole heads of 4 go
@@ -113,6 +126,8 @@ CASES = {
     TensorAttribute: (131, "aten.mul fails"),
     HookedTensor: (131, "aten.add fails"),
     PositionsAdded: (131, None),  # arange freezes the axis: nothing to prune
+    # The 4 groups are refuted; half of each group's slots go instead: half the width.
+    LiteralShuffle: (67, "aten.view gives shape"),
 }
 
 

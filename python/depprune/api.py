@@ -223,9 +223,10 @@ def make_plan(
             if all(g.kind for g in graph.groups)
             else group_kinds(graph, model)
         )
-        chosen = _outermost_factors(graph, [g for g in graph.groups if kind_of[g.index] in wanted])
+        chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
         spanned = _heads_under_a_norm(graph, model, chosen, kind_of)
         chosen = [g for g in chosen if g.index not in spanned]
+        inner = _outermost_factors(graph, chosen)
         scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
         has_config = hasattr(getattr(model, "config", None), "to_dict")
         # A config sizes every layer alike: a group kept whole keeps its role whole.
@@ -236,18 +237,31 @@ def make_plan(
         def choose(excluded: set[int]) -> dict[int, np.ndarray]:
             if role_of:
                 excluded = {m for g in excluded for m in by_role[role_of[g]]}
-            return select(
-                graph,
-                {g: s for g, s in scores.items() if g not in excluded},
-                model,
-                ratio=ratio,
-                ratios=ratios,
-                ignored=ignored,
-                round_to=round_to,
-                min_units=min_units,
-                global_ranking=global_ranking,
-                uniform=bool(uniform),
-            )
+            idle: set[int] = set()
+            for _ in range(2):
+                # An inner factor goes only where its outer ones stay whole (refuted, or
+                # too small for the ratio to remove a unit): the second pass admits those.
+                removed = select(
+                    graph,
+                    {
+                        g: s
+                        for g, s in scores.items()
+                        if g not in excluded and not (inner.get(g, set()) - excluded - idle)
+                    },
+                    model,
+                    ratio=ratio,
+                    ratios=ratios,
+                    ignored=ignored,
+                    round_to=round_to,
+                    min_units=min_units,
+                    global_ranking=global_ranking,
+                    uniform=bool(uniform),
+                )
+                outers = set().union(*inner.values()) if inner else set()
+                idle = {g for g in outers if g not in removed and g not in excluded}
+                if not any(outs <= excluded | idle for outs in inner.values()):
+                    break
+            return removed
 
         removed = choose(set())
         if uniform is None and has_config:
@@ -329,15 +343,19 @@ def _heads_under_a_norm(
     return found
 
 
-def _outermost_factors(graph: DependencyGraph, chosen: list) -> list:
+def _outermost_factors(graph: DependencyGraph, chosen: list) -> dict[int, set[int]]:
     """A ratio is of a layer's width: of groups that are factors of one width (KV heads x
     queries per KV head, conv groups x channels per group, heads x head_dim), only the
-    outermost is pruned, so ``ratio=0.5`` removes half the width, not three quarters."""
+    outermost is pruned, so ``ratio=0.5`` removes half the width, not three quarters.
+
+    Returns each inner factor with the outer factors it sits under: it is pruned only
+    once every one of them is kept whole (a literal head count that the replay refutes).
+    """
     by_member: dict[tuple[str, int], list] = {}
     for g in chosen:
         for member in g.members:
             by_member.setdefault(member, []).append(g)
-    inner: set[int] = set()
+    inner: dict[int, set[int]] = {}
     for member, groups in by_member.items():
         if len(groups) < 2:
             continue
@@ -350,8 +368,9 @@ def _outermost_factors(graph: DependencyGraph, chosen: list) -> list:
                 continue
             changes_a, changes_b = (int(np.count_nonzero(np.diff(maps[g][both]))) for g in (a, b))
             if changes_a != changes_b:
-                inner.add(b if changes_a < changes_b else a)
-    return [g for g in chosen if g.index not in inner]
+                outer, within = (a, b) if changes_a < changes_b else (b, a)
+                inner.setdefault(within, set()).add(outer)
+    return inner
 
 
 def _roles(graph: DependencyGraph) -> tuple[dict[tuple, list[int]], dict[int, tuple]]:
