@@ -17,6 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +27,9 @@ from depprune.errors import PlanMismatchError
 
 def _kept_groups(index: torch.Tensor, group_size: int) -> int:
     """How many blocks of ``group_size`` consecutive indices keep any index."""
-    return int(torch.unique(torch.div(index, group_size, rounding_mode="floor")).numel())
+    # Kept indices are sorted: count where the block changes (numpy: no op dispatch).
+    blocks = index.numpy() // group_size
+    return int(blocks.size and np.count_nonzero(blocks[1:] != blocks[:-1]) + 1)
 
 
 class _View:
@@ -123,7 +126,8 @@ def _heads_kept(
     rows = v.cut(name, dim)
     if rows is None:
         return (stop - start) // head_dim, head_dim
-    rows = rows[(rows >= start) & (rows < stop)] - start
+    low, high = np.searchsorted(rows.numpy(), [start, stop])  # sorted: a slice, not a mask
+    rows = rows[int(low) : int(high)] - start
     heads = _kept_groups(rows, head_dim)
     if heads == 0 or rows.numel() % heads:
         raise PlanMismatchError(
