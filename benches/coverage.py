@@ -656,6 +656,15 @@ DECODER = dict(
     max_position_embeddings=64,
 )
 MOE = dict(DECODER, num_experts_per_tok=2)
+VISION_TRANSFORMER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    num_labels=10,
+)
 
 #: name -> (model class, config class, config fields, family, input kind, auto class).
 HF: dict[str, tuple[str, str, dict, str, str, str | None]] = {
@@ -1141,15 +1150,7 @@ HF: dict[str, tuple[str, str, dict, str, str, str | None]] = {
     "ViT": (
         "ViTForImageClassification",
         "ViTConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            num_labels=10,
-        ),
+        VISION_TRANSFORMER,
         "vision-transformer",
         "image32",
         "AutoModelForImageClassification",
@@ -1157,15 +1158,7 @@ HF: dict[str, tuple[str, str, dict, str, str, str | None]] = {
     "DeiT": (
         "DeiTForImageClassification",
         "DeiTConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            num_labels=10,
-        ),
+        VISION_TRANSFORMER,
         "vision-transformer",
         "image32",
         "AutoModelForImageClassification",
