@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> None:
         torch_dtype="bfloat16",
     )
     start = time.perf_counter()
-    with torch.device("cpu"):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 8B would need 32 GB
+    try:
+        model = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     built = time.perf_counter() - start
     tokens = {"input_ids": torch.randint(0, 128256, (1, args.tokens))}
     params = sum(p.numel() for p in model.parameters())
