@@ -227,6 +227,7 @@ def make_plan(
         spanned = _heads_under_a_norm(graph, model, chosen, kind_of)
         chosen = [g for g in chosen if g.index not in spanned]
         inner = _outermost_factors(graph, chosen)
+        multiples = _kernel_multiples(graph, model)
         scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
         has_config = hasattr(getattr(model, "config", None), "to_dict")
         # A config sizes every layer alike: a group kept whole keeps its role whole.
@@ -256,6 +257,7 @@ def make_plan(
                     min_units=min_units,
                     global_ranking=global_ranking,
                     uniform=bool(uniform),
+                    multiples=multiples,
                 )
                 outers = set().union(*inner.values()) if inner else set()
                 idle = {g for g in outers if g not in removed and g not in excluded}
@@ -317,6 +319,32 @@ def make_plan(
         if verify:
             plan.mark_proved(model)
         return plan
+
+
+def _kernel_multiples(graph: DependencyGraph, model: nn.Module) -> dict[int, int]:
+    """Unit counts groups must keep multiples of for the kernels that run them.
+
+    transformers' ``grouped_mm`` experts need 16-byte rows (hidden and expert
+    widths multiples of 4 in fp32, 8 in bf16); the eager loop it could fall back
+    to computes the same with other ops, which the replay cannot prove equal.
+    """
+    prefixes: dict[str, int] = {}
+    for name, module in model.named_modules():
+        down = getattr(module, "down_proj", None)
+        config = getattr(module, "config", None)
+        if (
+            isinstance(down, nn.Parameter)
+            and down.dim() == 3
+            and getattr(config, "_experts_implementation", None) == "grouped_mm"
+        ):
+            prefixes[f"{name}." if name else ""] = max(1, 16 // down.element_size())
+    multiples: dict[int, int] = {}
+    for g in graph.groups if prefixes else ():
+        for member, _ in g.members:
+            for prefix, multiple in prefixes.items():
+                if member.startswith(prefix):
+                    multiples[g.index] = max(multiples.get(g.index, 1), multiple)
+    return multiples
 
 
 def _heads_under_a_norm(

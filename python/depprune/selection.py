@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -152,8 +152,12 @@ def select(
     min_units: int = 1,
     global_ranking: bool = False,
     uniform: bool = False,
+    multiples: Mapping[int, int] | None = None,
 ) -> dict[int, np.ndarray]:
     """Units to remove from each scored group: ``{group index: sorted unit ids}``.
+
+    ``multiples`` maps groups to a unit count they must keep a multiple of on top
+    of ``round_to`` (sizes a kernel needs, as ``grouped_mm``'s 16-byte rows).
 
     Groups without scores, and groups with a member inside an ``ignored``
     module, are kept whole. ``uniform=True`` removes the same number of
@@ -181,17 +185,21 @@ def select(
             continue
         by_scope.setdefault(_scope_of(group, scopes), []).append(group)
 
+    def step(group: int) -> int | None:
+        multiple = math.lcm(round_to or 1, (multiples or {}).get(group, 1))
+        return multiple if multiple > 1 else None
+
     removed: dict[int, np.ndarray] = {}
     for which, groups in by_scope.items():
         r = scope_ratio[which]
         if global_ranking:
-            removed.update(_select_global(groups, scores, r, round_to, min_units))
+            removed.update(_select_global(groups, scores, r, step, min_units))
         else:
             for g in groups:
-                keep = units_to_keep(g.size, r, round_to, min_units)
+                keep = units_to_keep(g.size, r, step(g.index), min_units)
                 removed[g.index] = lowest(scores[g.index], g.size - keep)
     if uniform:
-        removed = _make_uniform(by_scope, scores, removed, round_to, min_units, graph)
+        removed = _make_uniform(by_scope, scores, removed, step, min_units, graph)
     return {g: units for g, units in removed.items() if units.size}
 
 
@@ -210,7 +218,7 @@ def _make_uniform(
     by_scope: Mapping[int, list[Group]],
     scores: Mapping[int, torch.Tensor],
     removed: Mapping[int, np.ndarray],
-    round_to: int | None,
+    step: Callable[[int], int | None],
     min_units: int,
     graph: DependencyGraph,
 ) -> dict[int, np.ndarray]:
@@ -232,7 +240,7 @@ def _make_uniform(
             )
         count = sum(len(removed.get(g.index, ())) for g in chosen) / len(chosen)
         size = chosen[0].size  # one role, one size
-        keep = units_to_keep(size, count / size, round_to, min_units)
+        keep = units_to_keep(size, count / size, step(chosen[0].index), min_units)
         for g in chosen:
             result[g.index] = lowest(scores[g.index], size - keep)
     return result
@@ -242,7 +250,7 @@ def _select_global(
     groups: list[Group],
     scores: Mapping[int, torch.Tensor],
     ratio: float,
-    round_to: int | None,
+    step: Callable[[int], int | None],
     min_units: int,
 ) -> dict[int, np.ndarray]:
     """Rank all units of ``groups`` together; each group keeps at least min_units."""
@@ -255,7 +263,7 @@ def _select_global(
     counts = torch.bincount(owner[order], minlength=len(groups)).tolist()
     result = {}
     for i, g in enumerate(groups):
-        keep = units_to_keep(g.size, counts[i] / g.size, round_to, min_units)
+        keep = units_to_keep(g.size, counts[i] / g.size, step(g.index), min_units)
         result[g.index] = lowest(scores[g.index], g.size - keep)
     return result
 
