@@ -58,6 +58,7 @@ RESULTS = ROOT / "benches" / "results"
 # The mask oracle lives with the tests (one copy, shared).
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
+from tiny_models import TINY_DECODER  # noqa: E402  (the tests' tiny decoder: one copy)
 
 SETTINGS: dict[str, tuple[str, ...] | None] = {
     "default": None,
@@ -646,15 +647,9 @@ def timm_cases() -> list[Case]:
     return cases
 
 
-DECODER = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+DECODER = TINY_DECODER
+#: The same decoder with one KV head per query head (families without GQA).
+MHA_DECODER = {k: v for k, v in DECODER.items() if k != "num_key_value_heads"}
 MOE = dict(DECODER, num_experts_per_tok=2)
 VISION_TRANSFORMER = dict(
     hidden_size=32,
@@ -930,14 +925,7 @@ HF: dict[str, tuple[str, str, dict, str, str, str | None]] = {
     "GPT-NeoX": (
         "GPTNeoXForCausalLM",
         "GPTNeoXConfig",
-        dict(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-        ),
+        MHA_DECODER,
         "decoder",
         "tokens",
         "AutoModelForCausalLM",
@@ -1001,14 +989,7 @@ HF: dict[str, tuple[str, str, dict, str, str, str | None]] = {
     "Phi-2": (
         "PhiForCausalLM",
         "PhiConfig",
-        dict(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-        ),
+        MHA_DECODER,
         "decoder",
         "tokens",
         "AutoModelForCausalLM",
@@ -1105,14 +1086,7 @@ HF: dict[str, tuple[str, str, dict, str, str, str | None]] = {
     "BERT": (
         "BertModel",
         "BertConfig",
-        dict(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
+        MHA_DECODER,
         "encoder",
         "tokens",
         "AutoModel",
@@ -1120,14 +1094,7 @@ HF: dict[str, tuple[str, str, dict, str, str, str | None]] = {
     "CLIP-text": (
         "CLIPTextModel",
         "CLIPTextConfig",
-        dict(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-        ),
+        MHA_DECODER,
         "encoder",
         "tokens",
         "AutoModel",

@@ -44,8 +44,6 @@ def tokens() -> dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
-DECODER = TINY_DECODER
-
 CASES = [
     Case("resnet18", "torchvision", "cnn", lambda: (tv.resnet18(num_classes=10), image(32))),
     Case(
@@ -67,42 +65,13 @@ CASES = [
         atol=1e-3,
     ),
     Case(
-        "hf/Llama",
-        "hf",
-        "decoder",
-        lambda: (transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)), tokens()),
-        auto="AutoModelForCausalLM",
-        causal_lm=True,
-    ),
-    Case(
-        "hf/OPT",
-        "hf",
-        "decoder (learned positions)",
-        lambda: (
-            transformers.OPTForCausalLM(
-                transformers.OPTConfig(
-                    vocab_size=100,
-                    hidden_size=32,
-                    ffn_dim=64,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    max_position_embeddings=64,
-                    word_embed_proj_dim=32,
-                )
-            ),
-            tokens(),
-        ),
-        auto="AutoModelForCausalLM",
-        causal_lm=True,
-    ),
-    Case(
         "hf/Mixtral",
         "hf",
         "moe",
         lambda: (
             transformers.MixtralForCausalLM(
                 transformers.MixtralConfig(
-                    **dict(DECODER, intermediate_size=16),
+                    **dict(TINY_DECODER, intermediate_size=16),
                     num_local_experts=4,
                     num_experts_per_tok=2,
                 )
@@ -112,23 +81,15 @@ CASES = [
         auto="AutoModelForCausalLM",
         causal_lm=True,
     ),
+    # The sweep's own tiny configs: a GQA decoder, and one with learned positions.
+    *(c for c in bench.hf_cases() if c.name in ("hf/Llama", "hf/OPT")),
 ]
 
-#: Known to fail today, while the lead's verification work lands (name -> reason).
-KNOWN: dict[str, str] = {}
 
-
-def params() -> list:
-    found = []
-    for case in CASES:
-        known = KNOWN.get(case.name)
-        marks = [pytest.mark.xfail(strict=False, reason=known)] if known else []
-        for setting in SETTINGS:
-            found.append(pytest.param(case, setting, id=f"{case.name}-{setting}", marks=marks))
-    return found
-
-
-@pytest.mark.parametrize(("case", "setting"), params())
+@pytest.mark.parametrize(
+    ("case", "setting"),
+    [pytest.param(c, s, id=f"{c.name}-{s}") for c in CASES for s in SETTINGS],
+)
 def test_coverage_quick(case, setting):
     result = check(case, setting)
     print(result)  # shown on failure: the status, why, what was kept whole
