@@ -107,7 +107,9 @@ class _Diverged(Exception):
 class _Replayer(_Recorder):
     """Runs a forward and checks every ATen call against a recorded op log."""
 
-    def __init__(self, log: OpLog, sizes: list[int], traced_sizes: list[int]) -> None:
+    def __init__(
+        self, log: OpLog, sizes: list[int], traced_sizes: list[int], on_values: bool
+    ) -> None:
         TorchDispatchMode.__init__(self)
         self.log = log
         self.sizes = sizes
@@ -117,7 +119,7 @@ class _Replayer(_Recorder):
         self.num_ops = 0
         self.divergence: Divergence | None = None
         #: Replaying real values: sizes the plan does not change may follow the data.
-        self.on_values = False
+        self.on_values = on_values
         #: The log's ops that the replay compares against, by position.
         self.order = [k for k, f in enumerate(log.funcs) if f not in _BOOKKEEPING]
 
@@ -257,8 +259,7 @@ def replay_plan(
     args, kwargs = split_inputs(graph.example_inputs)
     if on_meta:
         args, kwargs = meta_inputs((args, kwargs))
-    replayer = _Replayer(recording.log, sizes, original)
-    replayer.on_values = not on_meta
+    replayer = _Replayer(recording.log, sizes, original, on_values=not on_meta)
     try:
         with torch.no_grad(), running_stats_kept(twin), replayer:
             output = twin(*args, **kwargs)
