@@ -183,7 +183,8 @@ def make_plan(
     default), and removes ``ratio`` of each group's units (``ratios`` per
     module or tuple of modules, ``ignored`` modules untouched, ``round_to``
     keeps multiples of N units, ``global_ranking`` ranks a scope's groups
-    together, ``kinds`` limits pruning to groups of those kinds, from
+    together (dividing each group's scores by their mean, unless the importance
+    has ``globally_comparable = True``), ``kinds`` limits pruning to groups of those kinds, from
     :data:`depprune.kinds.KINDS`, e.g. ``("heads", "neurons")``). Scoring shows a
     progress bar on a terminal; ``progress=False`` silences it, ``True`` forces it.
 
@@ -258,6 +259,8 @@ def make_plan(
                     global_ranking=global_ranking,
                     uniform=bool(uniform),
                     multiples=multiples,
+                    # LAMP, BatchNorm scales after slimming: one threshold over raw scores.
+                    normalize=not getattr(importance, "globally_comparable", False),
                 )
                 outers = set().union(*inner.values()) if inner else set()
                 idle = {g for g in outers if g not in removed and g not in excluded}

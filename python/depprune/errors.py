@@ -19,6 +19,7 @@ __all__ = [
     "InternalError",
     "InvalidEquationsError",
     "InvalidPlanError",
+    "MethodError",
     "PlanMismatchError",
     "ResourceError",
     "SelectionError",
@@ -45,6 +46,10 @@ class PlanMismatchError(InvalidPlanError):
 
 class ImportanceError(DeppruneError, ValueError):
     """An importance could not be computed (no gradients, wrong shape, ...)."""
+
+
+class MethodError(DeppruneError, ValueError):
+    """A pruning method, regulariser or schedule got a model or arguments it cannot use."""
 
 
 class SelectionError(DeppruneError, ValueError):

@@ -153,11 +153,15 @@ def select(
     global_ranking: bool = False,
     uniform: bool = False,
     multiples: Mapping[int, int] | None = None,
+    normalize: bool = True,
 ) -> dict[int, np.ndarray]:
     """Units to remove from each scored group: ``{group index: sorted unit ids}``.
 
     ``multiples`` maps groups to a unit count they must keep a multiple of on top
     of ``round_to`` (sizes a kernel needs, as ``grouped_mm``'s 16-byte rows).
+    Global ranking divides each group's scores by their mean; ``normalize=False``
+    ranks the raw scores, for criteria already comparable across groups (LAMP,
+    Network Slimming's BatchNorm scales: one global threshold).
 
     Groups without scores, and groups with a member inside an ``ignored``
     module, are kept whole. ``uniform=True`` removes the same number of
@@ -193,7 +197,7 @@ def select(
     for which, groups in by_scope.items():
         r = scope_ratio[which]
         if global_ranking:
-            removed.update(_select_global(groups, scores, r, step, min_units))
+            removed.update(_select_global(groups, scores, r, step, min_units, normalize))
         else:
             for g in groups:
                 keep = units_to_keep(g.size, r, step(g.index), min_units)
@@ -252,10 +256,14 @@ def _select_global(
     ratio: float,
     step: Callable[[int], int | None],
     min_units: int,
+    normalize: bool = True,
 ) -> dict[int, np.ndarray]:
     """Rank all units of ``groups`` together; each group keeps at least min_units."""
-    normalised = [scores[g.index] / scores[g.index].mean().clamp_min(1e-12) for g in groups]
-    flat = torch.cat(normalised)
+    ranked = [
+        scores[g.index] / scores[g.index].mean().clamp_min(1e-12) if normalize else scores[g.index]
+        for g in groups
+    ]
+    flat = torch.cat(ranked)
     owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)])
     total = flat.numel()
     budget = math.floor(ratio * total + 1e-9)
