@@ -1,0 +1,216 @@
+"""Scoring context: the graph and the model's tensors by name, to per-unit scores.
+
+:class:`ScoreContext` is what every criterion reads; :func:`score_groups`
+calls a criterion on each group and checks what it gives (one finite float
+per unit, on the CPU). The helpers here turn per-index values of each member
+(parameter, dim) into per-unit sums with one ``scatter_add`` per member.
+
+>>> import torch, depprune
+>>> from depprune.importance.context import ScoreContext, score_groups
+>>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+>>> graph = depprune.trace(model, torch.zeros(1, 2))
+>>> ctx = ScoreContext.from_model(graph, model)
+>>> sorted(ctx.tensors)
+['0.bias', '0.weight', '1.bias', '1.weight']
+>>> score_groups(graph.groups, lambda group, ctx: torch.ones(group.size), ctx)[0].tolist()
+[1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from depprune.apply import masked_tensors, named_tensors
+from depprune.errors import ImportanceError
+from depprune.graph import DependencyGraph, Group
+
+__all__ = ["Importance", "ScoreContext", "Transform", "score_groups"]
+
+#: Elements converted to float32 at a time while scoring: 1 MB, so a chunk's
+#: conversion, transform and sums stay in cache (5x faster than 64 MB chunks).
+_CHUNK_ELEMENTS = 1 << 18
+
+#: A transform gets a float32 copy of rows ``rows`` of a tensor (its own, free to
+#: change in place) and returns the values to sum.
+Transform = Callable[[torch.Tensor, slice], torch.Tensor]
+
+#: What every criterion says when the weights it would read are on the meta device.
+_META_MESSAGE = (
+    "the weights are on the meta device, so they have no values to score; "
+    "load real weights or use depprune.importance.random()"
+)
+
+
+@dataclass
+class ScoreContext:
+    """What an importance may read: the graph and the tensors by name."""
+
+    graph: DependencyGraph
+    tensors: Mapping[str, torch.Tensor]
+    #: The module owning each tensor name (for criteria that need the type).
+    owners: Mapping[str, nn.Module] = field(default_factory=dict)
+
+    #: Per-dim sums of transformed tensors, computed once per (criterion, tensor).
+    _sums: dict[tuple[Hashable, int], list[torch.Tensor]] = field(default_factory=dict)
+
+    def dim_sums(
+        self, key: Hashable, tensor: torch.Tensor, dim: int, transform: Transform
+    ) -> torch.Tensor:
+        """``transform(tensor)`` summed over every dim but ``dim``, one value per index.
+
+        The tensor is read once for all its dims, in float32 chunks of rows, so
+        a weight that belongs to several groups costs one pass and no full
+        float32 copy; ``key`` names the transform for the cache.
+        """
+        cached = self._sums.get((key, id(tensor)))
+        if cached is None:
+            cached = self._sums[(key, id(tensor))] = _all_dim_sums(tensor.detach(), transform)
+        return cached[dim]
+
+    @classmethod
+    def from_model(cls, graph: DependencyGraph, model: nn.Module) -> ScoreContext:
+        """Every parameter and buffer of ``model`` by name (tied ones under each name)."""
+        named = named_tensors(model)
+        tensors = {name: getattr(module, attr) for name, (module, attr, _) in named.items()}
+        owners = {name: module for name, (module, _, _) in named.items()}
+        for module_name, _, tensor_name in masked_tensors(model):
+            # torch.nn.utils.prune: the forward uses weight_orig * weight_mask, so score that.
+            name = f"{module_name}.{tensor_name}_orig" if module_name else f"{tensor_name}_orig"
+            original = tensors[name]
+            effective = nn.Parameter(
+                original.detach() * tensors[name[: -len("_orig")] + "_mask"],
+                requires_grad=original.requires_grad,
+            )
+            effective.grad = original.grad  # already masked by the product's backward
+            tensors[name] = effective
+        return cls(graph, tensors, owners)
+
+
+Importance = Callable[[Group, ScoreContext], torch.Tensor]
+
+
+def _member_tensor(ctx: ScoreContext, name: str) -> torch.Tensor:
+    """The tensor the graph names, or an ImportanceError saying the graph is another model's."""
+    tensor = ctx.tensors.get(name)
+    if tensor is None:
+        raise ImportanceError(
+            f"the graph names {name!r}, which the model does not have; score a model "
+            "with the graph traced from it"
+        )
+    return tensor
+
+
+def _no_member_error(group: Group) -> ImportanceError:
+    return ImportanceError(
+        f"group {group.index} has no member this importance can score; "
+        "use depprune.importance.magnitude() or pass a callable"
+    )
+
+
+def _scatter_members(
+    group: Group,
+    ctx: ScoreContext,
+    per_index: Callable[[str, torch.Tensor, int], torch.Tensor | None],
+) -> torch.Tensor:
+    """Sum ``per_index(name, tensor, dim)`` over members into one score per unit."""
+    scores: torch.Tensor | None = None
+    seen: set[tuple[int, int]] = set()
+    for (name, dim), unit_map in ctx.graph.unit_maps(group).items():
+        tensor = _member_tensor(ctx, name)
+        # A tied tensor listed under two names counts once.
+        if (id(tensor), dim) in seen:
+            continue
+        seen.add((id(tensor), dim))
+        values = per_index(name, tensor, dim)
+        if values is None:
+            continue
+        if values.is_meta:
+            # Scattering would need the values' nonzero pattern, which meta tensors lack.
+            raise ImportanceError(_META_MESSAGE)
+        if scores is None:
+            scores = torch.zeros(group.size, dtype=torch.float32, device=values.device)
+        # One device for all members, also when the model is split across GPUs.
+        values = values.float().to(scores.device)
+        # A copy: the graph caches unit maps read-only, which from_numpy would warn about.
+        units = torch.tensor(unit_map, device=scores.device)
+        on_group = units >= 0
+        scores.scatter_add_(0, units[on_group], values[on_group])
+    if scores is None:
+        raise _no_member_error(group)
+    return scores
+
+
+def _all_dim_sums(tensor: torch.Tensor, transform: Transform) -> list[torch.Tensor]:
+    """For every dim d: ``transform(tensor)`` summed over all dims but d."""
+    if tensor.dim() == 0:
+        return []
+    rows = tensor.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, tensor[0].numel()))
+    sums = [torch.zeros(size, dtype=torch.float32, device=tensor.device) for size in tensor.shape]
+    for start in range(0, rows, step):
+        part = slice(start, min(rows, start + step))
+        values = transform(tensor[part].to(torch.float32, copy=True), part)
+        sums[0][part] = values.reshape(values.shape[0], -1).sum(dim=1)
+        for dim in range(1, tensor.dim()):
+            others = [d for d in range(tensor.dim()) if d != dim]
+            sums[dim] += values.sum(dim=others)
+    return sums
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None shows bars only on a terminal."""
+    return None if progress is None else not progress
+
+
+def score_groups(
+    groups: list[Group],
+    importance: Importance,
+    ctx: ScoreContext,
+    *,
+    progress: bool | None = None,
+) -> dict[int, torch.Tensor]:
+    """Scores of every group as float32 CPU tensors, checked for shape and NaN.
+
+    >>> import torch, depprune
+    >>> from depprune.importance import ScoreContext, magnitude, score_groups
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    >>> graph = depprune.trace(model, torch.zeros(1, 2))
+    >>> ctx = ScoreContext.from_model(graph, model)
+    >>> {k: v.shape for k, v in score_groups(graph.groups, magnitude(), ctx).items()}
+    {0: torch.Size([3])}
+    """
+    if not callable(importance):
+        raise ImportanceError(
+            f"importance must be a callable (group, ctx) -> tensor, such as "
+            f"depprune.importance.magnitude(); got {type(importance).__name__} {importance!r}"
+        )
+    result = {}
+    for group in tqdm(groups, desc="scoring groups", disable=_quiet(progress), leave=False):
+        try:
+            scores = importance(group, ctx)
+        except ImportanceError:
+            raise
+        except Exception as exc:
+            name = getattr(importance, "__name__", type(importance).__name__)
+            raise ImportanceError(
+                f"importance {name} failed on group {group.index} ({type(exc).__name__}: "
+                f"{exc}); it is called as importance(group, ctx) and must return one score "
+                "per unit"
+            ) from exc
+        if not isinstance(scores, torch.Tensor) or scores.shape != (group.size,):
+            raise ImportanceError(
+                f"importance returned {getattr(scores, 'shape', type(scores))} for group "
+                f"{group.index}; it must return a tensor of shape ({group.size},)"
+            )
+        if scores.is_meta:
+            raise ImportanceError(_META_MESSAGE)
+        scores = scores.detach().float().cpu()
+        if torch.isnan(scores).any():
+            raise ImportanceError(f"importance gave NaN for group {group.index}")
+        result[group.index] = scores
+    return result
