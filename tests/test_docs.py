@@ -40,6 +40,12 @@ MODULES = [
     "depprune.rules.shape",
     "depprune.rules.position",
     "depprune.shadow",
+    "depprune.sparsity",
+    "depprune.sparsity.group",
+    "depprune.sparsity.batchnorm",
+    "depprune.sparsity.schedule",
+    "depprune.methods.slimming",
+    "depprune.methods.depgraph",
     "depprune.verify",
 ]
 
