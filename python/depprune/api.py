@@ -494,8 +494,9 @@ def _check_kinds(kinds: Iterable[str] | None) -> frozenset[str]:
 
 def prune(
     model: nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = None,
     *,
+    graph: DependencyGraph | None = None,
     ratio: float = 0.5,
     importance: Importance | None = None,
     ratios: Mapping[Scope, float] | None = None,
@@ -517,7 +518,8 @@ def prune(
     optimizers=optimizers)`` (optimizers made before pruning keep training
     the cut model, their state cut to match); the report has parameters and MACs (one forward pass each, skipped with
     ``count_macs=False``) before and after, and the units each group kept.
-    It prints as a table.
+    It prints as a table. ``graph`` reuses a :func:`trace` of this model (as it is
+    now) instead of tracing ``example_inputs`` again.
 
     >>> import torch, depprune
     >>> model = torch.nn.Sequential(
@@ -531,7 +533,10 @@ def prune(
     check_ratios(model, ratio, ratios, ignored, round_to, min_units)
     _check_kinds(kinds)
     optimizers = checked_optimizers(optimizers)
-    graph = trace(model, example_inputs, ignored=ignored, strict=strict)
+    if graph is None:
+        if example_inputs is None:
+            raise TraceError("prune needs example_inputs to trace the model, or a graph")
+        graph = trace(model, example_inputs, ignored=ignored, strict=strict)
     plan = make_plan(
         model,
         graph=graph,

@@ -172,7 +172,7 @@ def prune(
     producers = tuple({id(m): m for m in (owners[g.members[0][0]] for g in scaled)}.values())
     report = depprune.prune(
         model,
-        example_inputs,
+        graph=graph,
         ratio=0.0,
         ratios={producers: float(ratio)},
         importance=channel_scale,
