@@ -46,6 +46,9 @@ MODULES = [
     "depprune.sparsity.schedule",
     "depprune.methods.slimming",
     "depprune.methods.depgraph",
+    "depprune.methods.l1_filter",
+    "depprune.methods.unstructured",
+    "depprune.scratch",
     "depprune.verify",
 ]
 
