@@ -49,6 +49,8 @@ MODULES = [
     "depprune.methods.l1_filter",
     "depprune.methods.unstructured",
     "depprune.scratch",
+    "depprune.methods.sss",
+    "depprune.architecture",
     "depprune.verify",
 ]
 
