@@ -44,13 +44,16 @@ MODULES = [
     "depprune.sparsity.group",
     "depprune.sparsity.batchnorm",
     "depprune.sparsity.schedule",
+    "depprune.methods",
     "depprune.methods.slimming",
     "depprune.methods.depgraph",
     "depprune.methods.l1_filter",
     "depprune.methods.unstructured",
-    "depprune.scratch",
+    "depprune.from_scratch",
     "depprune.methods.sss",
     "depprune.architecture",
+    "depprune.experiments",
+    "depprune.experiments.rethinking",
     "depprune.verify",
 ]
 

@@ -16,7 +16,7 @@ import depprune
 from depprune.apply import masked_tensors
 from depprune.errors import MethodError, PlanMismatchError
 from depprune.methods import unstructured
-from depprune.scratch import scratch, scratch_budget, scratch_from_plan
+from depprune.from_scratch import scratch, scratch_budget, scratch_from_plan
 
 
 def cnn() -> nn.Sequential:

@@ -24,6 +24,7 @@ from depprune.errors import (
     TraceError,
     UnsupportedOpError,
 )
+from depprune.from_scratch import scratch, scratch_budget, scratch_from_plan
 from depprune.graph import DependencyGraph, Group
 from depprune.plan import Plan
 
@@ -47,6 +48,9 @@ __all__ = [
     "UnsupportedOpError",
     "make_plan",
     "prune",
+    "scratch",
+    "scratch_budget",
+    "scratch_from_plan",
     "trace",
 ]
 

@@ -11,7 +11,7 @@ sparse pattern is the architecture), :func:`scratch_budget` the epochs, and
 freshly built model.
 
 >>> import torch, depprune
->>> from depprune.scratch import scratch, scratch_budget
+>>> from depprune.from_scratch import scratch, scratch_budget
 >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
 >>> report = depprune.prune(model, torch.randn(2, 8), ratio=0.5)
 >>> before = model[0].weight.detach().clone()
