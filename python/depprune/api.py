@@ -39,7 +39,7 @@ from depprune.shadow import input_spec, meta_shadow
 from depprune.tracer import model_inputs, record, running_stats_kept
 from depprune.verify import changed_widths, prove
 
-__all__ = ["PruneReport", "make_plan", "prune", "trace"]
+__all__ = ["PruneReport", "apply_with_report", "make_plan", "prune", "trace"]
 
 
 def trace(
@@ -552,9 +552,36 @@ def prune(
         strict=strict,
         progress=progress,
     )
+    return apply_with_report(
+        model, plan, graph, count_macs=count_macs, low_memory=low_memory, optimizers=optimizers
+    )
+
+
+def apply_with_report(
+    model: nn.Module,
+    plan: Plan,
+    graph: DependencyGraph,
+    *,
+    count_macs: bool = True,
+    low_memory: bool = False,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> PruneReport:
+    """Cut ``plan`` (made from ``graph``) into ``model`` and report it, as :func:`prune` does.
+
+    For methods that make their own plan (a custom selection, weights to
+    write after the cut): parameters and MACs are counted on meta twins
+    before the cut, so a failing count never leaves a half-reported model.
+
+    >>> import torch, depprune
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> graph = depprune.trace(model, torch.zeros(1, 4))
+    >>> plan = depprune.make_plan(model, graph=graph, ratio=0.5)
+    >>> apply_with_report(model, plan, graph).params_after, model[0].out_features
+    (30, 4)
+    """
     params_before = _count_params(model)
     params_after = plan.params_after(model)
-    macs_before = macs_after = 0
+    macs_before = macs_after = None
     if count_macs:
         # Both counts on meta twins, before the cut: the model's own forward never runs here.
         macs_before = _macs_on_shadow(model, graph, None)

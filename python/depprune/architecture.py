@@ -43,7 +43,7 @@ from typing import Any
 
 from torch import nn
 
-from depprune.api import PruneReport, _count_params, _macs_on_shadow, make_plan, trace
+from depprune.api import PruneReport, apply_with_report, make_plan, trace
 from depprune.apply import apply_kept_indices, named_tensors
 from depprune.errors import MethodError
 from depprune.graph import Group
@@ -469,22 +469,7 @@ def apply_architecture(
             f"the plan for {type(model).__name__} cannot keep the architecture's widths: "
             f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}; the model is unchanged"
         )
-    params_before = _count_params(model)
-    params_after = plan.params_after(model)
-    macs_before = _macs_on_shadow(model, graph, None) if count_macs else None
-    macs_after = _macs_on_shadow(model, graph, plan) if count_macs else None
-    plan.apply(model)
-    return PruneReport(
-        params_before=params_before,
-        params_after=params_after,
-        macs_before=macs_before,
-        macs_after=macs_after,
-        plan=plan,
-        unsupported_ops=dict(graph.unsupported_ops),
-        notes=list(graph.notes),
-        graph=graph,
-        kept_whole=list(plan.kept_whole.values()),
-    )
+    return apply_with_report(model, plan, graph, count_macs=count_macs)
 
 
 def _listed(items: list[str]) -> str:

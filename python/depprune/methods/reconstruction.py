@@ -57,9 +57,8 @@ from tqdm.auto import tqdm
 from depprune.api import (
     PruneReport,
     _check_kinds,
-    _count_params,
     _ignored_modules,
-    _macs_on_shadow,
+    apply_with_report,
     make_plan,
     trace,
 )
@@ -934,28 +933,14 @@ def prune_by_reconstruction(
     updates, notes = (
         reconstructed_weights(model, plan, statistics, ridge=ridge) if reconstruct else ({}, [])
     )
-    params_before, params_after = _count_params(model), plan.params_after(model)
-    macs_before = macs_after = 0
-    if count_macs:
-        macs_before = _macs_on_shadow(model, graph, None)
-        macs_after = _macs_on_shadow(model, graph, plan)
-    plan.apply(model, optimizers=optimizers)
+    report = apply_with_report(model, plan, graph, count_macs=count_macs, optimizers=optimizers)
     tensors = named_tensors(model)
     with torch.no_grad():
         for name, value in updates.items():
             module, attr, _ = tensors[name]
             getattr(module, attr).copy_(value)
-    return PruneReport(
-        params_before=params_before,
-        params_after=params_after,
-        macs_before=macs_before,
-        macs_after=macs_after,
-        plan=plan,
-        unsupported_ops=dict(graph.unsupported_ops),
-        notes=[*graph.notes, *importance.notes.values(), *notes],
-        graph=graph,
-        kept_whole=list(plan.kept_whole.values()),
-    )
+    report.notes += [*importance.notes.values(), *notes]
+    return report
 
 
 def _module_prefixes(model: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
