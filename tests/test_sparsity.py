@@ -471,10 +471,9 @@ def widths(model):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cubic", "geometric"])
-def test_iterative_pruning_ends_within_steps_minus_one_units_of_one_shot(schedule):
-    """Each step keeps ``size - floor(ratio * size)``, rounding up what is kept, so every group
-    ends between what one-shot pruning at the final ratio keeps and ``steps - 1`` more; the
-    widths follow that recursion exactly."""
+def test_iterative_pruning_ends_where_one_shot_does(schedule):
+    """Each step keeps its cumulative ratio of every group's *original* size, so the last
+    step's widths are one-shot pruning's at the final ratio, whatever the steps' rounding."""
     x = torch.randn(1, 3)
     one_shot = three_groups()
     depprune.prune(one_shot, x, ratio=0.6)
@@ -482,19 +481,28 @@ def test_iterative_pruning_ends_within_steps_minus_one_units_of_one_shot(schedul
     steps = 3
     pruner = IterativePruner(model, x, final_ratio=0.6, steps=steps, schedule=schedule)
     cumulative = ratio_schedule(0.6, steps, schedule)
-    expected = [16, 10, 7]
     for t in range(steps):
         assert not pruner.done
         report = pruner.step()
-        ratio = step_ratio(cumulative[t - 1] if t else 0.0, cumulative[t])
-        expected = [units_to_keep(size, ratio, None, 1) for size in expected]
-        assert widths(model) == expected
+        assert widths(model) == [
+            units_to_keep(size, cumulative[t], None, 1) for size in (16, 10, 7)
+        ]
         assert report.params_after == sum(p.numel() for p in model.parameters())
     assert pruner.done and pruner.ratio == 0.6
-    for mine, once in zip(widths(model), widths(one_shot), strict=True):
-        assert once <= mine <= once + steps - 1
+    assert widths(model) == widths(one_shot)
     with pytest.raises(MethodError, match="done"):
         pruner.step()
+
+
+def test_iterative_pruning_reaches_small_groups_a_step_ratio_would_never_cut():
+    """Two units at 0.5 in two steps: step ratios 0.25 then 1/3 each remove floor(< 1) = 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    pruner = IterativePruner(model, torch.randn(1, 3), final_ratio=0.5, steps=2)
+    pruner.step()
+    assert model[0].out_features == 2
+    pruner.step()
+    assert model[0].out_features == 1
 
 
 def test_iterative_pruning_matches_one_shot_when_the_arithmetic_is_exact_and_trains_between():

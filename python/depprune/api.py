@@ -175,6 +175,7 @@ def make_plan(
     strict: bool = False,
     progress: bool | None = None,
     verify: bool = True,
+    keep_units: Mapping[int, int] | None = None,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
 
@@ -187,6 +188,8 @@ def make_plan(
     has ``globally_comparable = True``), ``kinds`` limits pruning to groups of those kinds, from
     :data:`depprune.kinds.KINDS`, e.g. ``("heads", "neurons")``). Scoring shows a
     progress bar on a terminal; ``progress=False`` silences it, ``True`` forces it.
+    ``keep_units`` maps group indices of the graph to the units they keep,
+    instead of a ratio (an iterative schedule aiming at the original widths).
 
     ``uniform=True`` makes groups with the same role in every layer (all KV
     head groups, all MLP neuron groups) keep the same number of units, as a
@@ -261,6 +264,7 @@ def make_plan(
                     multiples=multiples,
                     # LAMP, BatchNorm scales after slimming: one threshold over raw scores.
                     normalize=not getattr(importance, "globally_comparable", False),
+                    keep_units=keep_units,
                 )
                 outers = set().union(*inner.values()) if inner else set()
                 idle = {g for g in outers if g not in removed and g not in excluded}
@@ -511,6 +515,7 @@ def prune(
     low_memory: bool = False,
     optimizers: Iterable[torch.optim.Optimizer] = (),
     progress: bool | None = None,
+    keep_units: Mapping[int, int] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and return a report; on any error it is left as it was.
 
@@ -551,6 +556,7 @@ def prune(
         uniform=uniform,
         strict=strict,
         progress=progress,
+        keep_units=keep_units,
     )
     return apply_with_report(
         model, plan, graph, count_macs=count_macs, low_memory=low_memory, optimizers=optimizers

@@ -154,6 +154,7 @@ def select(
     uniform: bool = False,
     multiples: Mapping[int, int] | None = None,
     normalize: bool = True,
+    keep_units: Mapping[int, int] | None = None,
 ) -> dict[int, np.ndarray]:
     """Units to remove from each scored group: ``{group index: sorted unit ids}``.
 
@@ -161,7 +162,10 @@ def select(
     of ``round_to`` (sizes a kernel needs, as ``grouped_mm``'s 16-byte rows).
     Global ranking divides each group's scores by their mean; ``normalize=False``
     ranks the raw scores, for criteria already comparable across groups (LAMP,
-    Network Slimming's BatchNorm scales: one global threshold).
+    Network Slimming's BatchNorm scales: one global threshold). ``keep_units``
+    gives groups (by index) the number of units they keep instead of a ratio
+    (iterative schedules that aim at a width of the original model); those
+    groups are ranked on their own, outside any global ranking.
 
     Groups without scores, and groups with a member inside an ``ignored``
     module, are kept whole. ``uniform=True`` removes the same number of
@@ -175,6 +179,8 @@ def select(
     >>> graph = trace(model, torch.zeros(1, 2))
     >>> select(graph, {0: torch.tensor([0.4, 0.1, 0.3, 0.2])}, model, ratio=0.5)
     {0: array([1, 3])}
+    >>> select(graph, {0: torch.tensor([0.4, 0.1, 0.3, 0.2])}, model, keep_units={0: 3})
+    {0: array([1])}
     """
     scopes = check_ratios(model, ratio, ratios, ignored, round_to, min_units)
     names = _module_names(model)
@@ -193,18 +199,52 @@ def select(
         multiple = math.lcm(round_to or 1, (multiples or {}).get(group, 1))
         return multiple if multiple > 1 else None
 
+    counted = _checked_keep_units(graph, keep_units)
     removed: dict[int, np.ndarray] = {}
     for which, groups in by_scope.items():
         r = scope_ratio[which]
+        ranked = [g for g in groups if g.index not in counted]
         if global_ranking:
-            removed.update(_select_global(groups, scores, r, step, min_units, normalize))
+            removed.update(_select_global(ranked, scores, r, step, min_units, normalize))
         else:
-            for g in groups:
+            for g in ranked:
                 keep = units_to_keep(g.size, r, step(g.index), min_units)
+                removed[g.index] = lowest(scores[g.index], g.size - keep)
+        for g in groups:
+            if g.index in counted:
+                multiple = step(g.index) or 1
+                keep = min(
+                    g.size, math.ceil(max(counted[g.index], min_units) / multiple) * multiple
+                )
                 removed[g.index] = lowest(scores[g.index], g.size - keep)
     if uniform:
         removed = _make_uniform(by_scope, scores, removed, step, min_units, graph)
     return {g: units for g, units in removed.items() if units.size}
+
+
+def _checked_keep_units(
+    graph: DependencyGraph, keep_units: Mapping[int, int] | None
+) -> dict[int, int]:
+    """``keep_units`` as ``{group index: units}``, every entry checked."""
+    if keep_units is None:
+        return {}
+    if not isinstance(keep_units, Mapping):
+        raise SelectionError(
+            f"keep_units must map a group index to the units it keeps, e.g. {{0: 12}}; got "
+            f"{type(keep_units).__name__}"
+        )
+    counted = {}
+    for index, units in keep_units.items():
+        if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < len(graph.groups):
+            raise SelectionError(
+                f"keep_units names group {index!r}; groups are numbered 0..{len(graph.groups) - 1}"
+            )
+        if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
+            raise SelectionError(
+                f"keep_units gives group {index} {units!r} units; every group keeps at least 1"
+            )
+        counted[int(index)] = int(units)
+    return counted
 
 
 def _scope_of(group: Group, scopes: list[tuple[tuple[str, ...], float]]) -> int:

@@ -5,15 +5,13 @@ and a pruner that cuts the model a little at a time, between rounds of training.
 after each of N steps: ``"linear"`` (Torch-Pruning's linear schedule),
 ``"cubic"`` (Zhu & Gupta's gradual pruning, ``r_f * (1 - (1 - t/N)**3)``: fast
 early, slow late) or ``"geometric"`` (the same fraction of what remains at every
-step). :class:`IterativePruner` follows one: step t removes, from the already
-pruned model, ``1 - (1 - r_t) / (1 - r_(t-1))`` of each group, re-tracing it
-first, so every group ends near ``r_f`` of its original width.
-
-Rounding: a step removes ``floor(ratio * size)`` units, as one-shot pruning
-does, so each group keeps at least what one-shot pruning at ``final_ratio``
-keeps and at most ``steps - 1`` units more (exactly as many when every
-``r_t * size`` is a whole number; ``round_to`` and ``min_units`` round every
-step up the same way).
+step). :class:`IterativePruner` follows one: step t re-traces the pruned model
+and cuts every group to what one-shot pruning at ``r_t`` keeps of its
+*original* size (``ratio * size`` floored, ``round_to`` and ``min_units`` as
+one-shot), so the last step ends exactly at one-shot's widths for the final
+ratio. Under ``global_ranking`` the ranking chooses each group's count, so a
+step removes ``1 - (1 - r_t) / (1 - r_(t-1))`` of what is left instead
+(:func:`step_ratio`).
 
 >>> import torch, depprune
 >>> from depprune.sparsity import IterativePruner, ratio_schedule
@@ -49,6 +47,7 @@ from torch import nn
 import depprune
 from depprune.errors import MethodError
 from depprune.importance import Importance
+from depprune.selection import units_to_keep
 
 __all__ = ["SCHEDULES", "IterativePruner", "ratio_schedule", "step_ratio"]
 
@@ -107,7 +106,9 @@ def step_ratio(previous: float, current: float) -> float:
 
 
 #: Options of depprune.prune that the pruner sets itself.
-_OWN = frozenset({"model", "example_inputs", "ratio", "importance", "optimizers"})
+_OWN = frozenset(
+    {"model", "example_inputs", "graph", "ratio", "importance", "optimizers", "keep_units"}
+)
 
 
 class IterativePruner:
@@ -126,7 +127,7 @@ class IterativePruner:
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 10), torch.nn.ReLU(), torch.nn.Linear(10, 1))
     >>> pruner = IterativePruner(model, torch.zeros(1, 2), final_ratio=0.5, steps=2)
     >>> [pruner.step().plan.groups[0].kept for _ in range(2)], pruner.done
-    ([8, 6], True)
+    ([8, 5], True)
     """
 
     def __init__(
@@ -173,6 +174,16 @@ class IterativePruner:
         }
         self.model = model
         self.example_inputs = example_inputs
+        #: Each group's units before the first step, by its first member (names outlive cuts).
+        self.original_sizes = {
+            g.members[0]: g.size
+            for g in depprune.trace(
+                model,
+                example_inputs,
+                ignored=options.get("ignored", ()),
+                strict=options.get("strict", False),
+            ).groups
+        }
         self.importance = importance
         self.options = options
         self.steps = steps
@@ -207,17 +218,56 @@ class IterativePruner:
         def this_step(schedule: list[float]) -> float:
             return step_ratio(schedule[t - 1] if t else 0.0, schedule[t])
 
-        report = depprune.prune(
+        graph = depprune.trace(
             self.model,
             self.example_inputs,
+            ignored=self.options.get("ignored", ()),
+            strict=self.options.get("strict", False),
+        )
+        report = depprune.prune(
+            self.model,
+            graph=graph,
             ratio=this_step(self.schedule),
             ratios={scope: this_step(s) for scope, s in self.scope_schedules.items()} or None,
             importance=self.importance,
             optimizers=optimizers,
+            keep_units=self._units_at(graph, t),
             **self.options,
         )
         self.steps_taken += 1
         return report
+
+    def _units_at(self, graph: Any, t: int) -> dict[int, int] | None:
+        """Units each group keeps after step ``t``: its scope's ratio of its original size.
+
+        Counting from the original sizes, not step by step, ends exactly where
+        one-shot pruning at the final ratio would (a step's floor would
+        otherwise keep a unit of a small group, two KV heads, at every step).
+        Global ranking chooses its own counts, so it gets the step's ratio.
+        """
+        if self.options.get("global_ranking"):
+            return None
+        names = {id(m): name for name, m in self.model.named_modules(remove_duplicate=False)}
+        scoped = []
+        for scope, schedule in self.scope_schedules.items():
+            modules = scope if isinstance(scope, tuple) else (scope,)
+            for module in modules:
+                name = names.get(id(module))
+                if name is not None:
+                    scoped.append((f"{name}." if name else "", schedule[t]))
+        round_to = self.options.get("round_to")
+        min_units = self.options.get("min_units", 1)
+        keep = {}
+        for g in graph.groups:
+            original = self.original_sizes.get(g.members[0])
+            if original is None:
+                continue
+            producer = g.members[0][0]
+            # The most specific scope holding the producer, as selection decides.
+            matches = [(len(prefix), r) for prefix, r in scoped if producer.startswith(prefix)]
+            ratio = max(matches)[1] if matches else self.schedule[t]
+            keep[g.index] = min(g.size, units_to_keep(original, ratio, round_to, min_units))
+        return keep
 
 
 def _scaled(ratios: list[float], schedule: Any, final_ratio: float, steps: int) -> list[float]:
