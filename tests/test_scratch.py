@@ -15,8 +15,8 @@ from torch import nn
 import depprune
 from depprune.apply import masked_tensors
 from depprune.errors import MethodError, PlanMismatchError
-from depprune.methods import unstructured
 from depprune.from_scratch import scratch, scratch_budget, scratch_from_plan
+from depprune.methods import unstructured
 
 
 def cnn() -> nn.Sequential:
