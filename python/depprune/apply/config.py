@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import nn
 
+from depprune.apply.cuts import masked_tensors
 from depprune.apply.fixers import (
     _experts_fallback,
     _fix_experts,
@@ -225,17 +226,22 @@ def _rebuild_mismatch(
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # save_pretrained validates the config (hidden size a multiple of the heads).
+            validate = getattr(candidate, "validate", None)
+            if callable(validate):
+                validate()
             rebuilt = type(model)(candidate)
     except Exception as exc:  # a config the architecture rejects is not describable either
         return f"no model ({type(exc).__name__}: {exc})", ""
     built = rebuilt.state_dict()
-    ours = model.state_dict().keys()
-    if built.keys() != ours:
+    ours = _as_unmasked(model)
+    if built.keys() != ours.keys():
         extra = sorted(set(built) ^ set(ours))
         return f"other tensors ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})", ""
     for name, tensor in built.items():
-        if name in view.tensors and tuple(tensor.shape) != tuple(view.shape(name)):
-            return f"{name} of shape {tuple(tensor.shape)}, not {tuple(view.shape(name))}", ""
+        mine = ours[name]
+        if mine in view.tensors and tuple(tensor.shape) != tuple(view.shape(mine)):
+            return f"{name} of shape {tuple(tensor.shape)}, not {tuple(view.shape(mine))}", ""
     saved = rebuilt.state_dict().keys()
     for name, _ in rebuilt.named_buffers():
         if name not in saved and name in view.changed:
@@ -267,6 +273,21 @@ def _rebuild_mismatch(
                     continue
                 return "", f"{name or 'the model'}.{key} = {value}, not {after[key]}"
     return "", ""
+
+
+def _as_unmasked(model: nn.Module) -> dict[str, str]:
+    """The model's state names as an unmasked model has them -> the model's own names.
+
+    ``torch.nn.utils.prune`` keeps ``<name>_orig`` and a ``<name>_mask`` buffer for a
+    masked ``<name>``: the config describes the weight, not how it is masked.
+    """
+    names = {name: name for name in model.state_dict()}
+    for module_name, _, tensor_name in masked_tensors(model):
+        full = f"{module_name}.{tensor_name}" if module_name else tensor_name
+        names.pop(f"{full}_mask", None)
+        if names.pop(f"{full}_orig", None) is not None:
+            names[full] = f"{full}_orig"
+    return names
 
 
 def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, dict]]:
