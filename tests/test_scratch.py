@@ -382,3 +382,14 @@ def test_structural_pruning_after_masking():
     assert_same_outputs(outputs(twin, x), outputs(model, x))
     sparsity = unstructured.sparsity(model)
     assert sparsity.zeros == sum(int((b == 0).sum()) for b in model.buffers())
+
+
+def test_attention_out_projections_are_not_masked_and_training_goes_on():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    unstructured.prune(layer, amount=0.5)
+    assert not hasattr(layer.self_attn.out_proj, "weight_mask")
+    assert hasattr(layer.linear1, "weight_mask")
+    for _ in range(2):  # a stale masked weight would fail the second backward
+        layer(x).sum().backward()

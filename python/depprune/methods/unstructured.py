@@ -124,6 +124,9 @@ def prunable_layers(
 ) -> list[tuple[str, nn.Module]]:
     """The conv/linear layers (name, module) that :func:`prune` would mask, each once.
 
+    ``nn.MultiheadAttention``'s ``out_proj`` is left out: the attention reads its
+    weight directly, past the pre-hook that would apply a mask.
+
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     >>> [name for name, _ in prunable_layers(model)]
@@ -131,8 +134,15 @@ def prunable_layers(
     """
     if not isinstance(model, nn.Module):
         raise MethodError(f"the model must be an nn.Module; got {type(model).__name__}")
+    # nn.MultiheadAttention reads out_proj.weight in its own functional call, so the mask's
+    # pre-hook would never run: the weight would be a stale product, freed after one backward.
+    read_by_parent = {
+        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+    }
     found: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
+        if id(module) in read_by_parent:
+            continue
         if _is_layer(module) and _weight(module) is not None:
             found.setdefault(id(module), (name, module))
     if modules is None:
