@@ -539,3 +539,24 @@ def test_iterative_pruner_rejects_bad_options():
     pruner = IterativePruner(model, torch.zeros(1, 3), 0.5, 2, schedule=[0.1, 0.5])
     pruner.step()
     assert widths(model) == [15, 9, 7]
+
+
+def test_iterative_pruning_tells_conv_groups_from_the_channels_they_share_a_member_with():
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, groups=8),
+            nn.ReLU(),
+            nn.Conv2d(32, 4, 1),
+        )
+
+    x = torch.randn(1, 3, 8, 8)
+    model, one_shot = net(), net()
+    pruner = IterativePruner(model, x, final_ratio=0.5, steps=2, progress=False)
+    while not pruner.done:
+        pruner.step()
+    depprune.prune(one_shot, x, ratio=0.5, progress=False)
+    assert model[2].weight.shape == one_shot[2].weight.shape
+    assert model[2].groups == one_shot[2].groups

@@ -174,9 +174,10 @@ class IterativePruner:
         }
         self.model = model
         self.example_inputs = example_inputs
-        #: Each group's units before the first step, by its first member (names outlive cuts).
+        #: Each group's units before the first step, by kind and members (names outlive cuts;
+        #: a grouped conv's conv_groups and channels share a first member, not a kind).
         self.original_sizes = {
-            g.members[0]: g.size
+            (g.kind, g.members): g.size
             for g in depprune.trace(
                 model,
                 example_inputs,
@@ -259,7 +260,7 @@ class IterativePruner:
         min_units = self.options.get("min_units", 1)
         keep = {}
         for g in graph.groups:
-            original = self.original_sizes.get(g.members[0])
+            original = self.original_sizes.get((g.kind, g.members))
             if original is None:
                 continue
             producer = g.members[0][0]
