@@ -216,3 +216,28 @@ def test_mismatches_raise_naming_them_and_leave_the_model_as_it_was():
     with pytest.raises(MethodError, match=r"needs a depprune\.Plan"):
         architecture(deeper)
     assert shapes(deeper) == before and shapes(three) == shapes(StagedNet(stages=3))
+
+
+def test_groups_produced_by_the_model_itself_are_reproduced_by_member():
+    from torchvision.models import VisionTransformer
+
+    def vit():
+        torch.manual_seed(0)
+        return VisionTransformer(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=32,
+            mlp_dim=64,
+            num_classes=10,
+        )
+
+    x = torch.randn(1, 3, 32, 32)
+    pruned = vit()
+    plan = depprune.make_plan(pruned, x, ratio=0.3, progress=False)
+    plan.apply(pruned)
+    fresh = vit()
+    apply_architecture(fresh, x, architecture(plan), by="member", progress=False)
+    assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in pruned.parameters())
+    assert fresh.class_token.shape == pruned.class_token.shape

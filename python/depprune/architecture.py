@@ -37,7 +37,6 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -454,9 +453,15 @@ def apply_architecture(
         wanted = _by_member(arch, targets)
     else:
         wanted = _by_role(arch, targets)
-    ratios = _ratios(model, targets, wanted)
+    # Unit counts per group, not ratios per module: groups sharing a producer module, or
+    # produced by a tensor of the model itself (a ViT's class token), keep theirs exactly.
     plan = make_plan(
-        model, graph=graph, ratio=0.0, ratios=ratios, importance=importance, progress=progress
+        model,
+        graph=graph,
+        ratio=0.0,
+        keep_units=dict(wanted),
+        importance=importance,
+        progress=progress,
     )
     wrong = [
         f"{g.first_member} ({g.kind}): asked {wanted[g.index]}, the plan keeps {g.kept}"
@@ -527,32 +532,3 @@ def _by_role(arch: Architecture, targets: list[tuple[Group, str]]) -> dict[int, 
         g.index: min(g.size, max(1, math.floor(roles[key].fraction * g.size + 0.5)))
         for (g, _), key in zip(targets, keys, strict=True)
     }
-
-
-def _ratios(
-    model: nn.Module, targets: list[tuple[Group, str]], wanted: Mapping[int, int]
-) -> dict[nn.Module, float]:
-    """make_plan's ratios: per producer module, the fraction its groups remove."""
-    modules = dict(model.named_modules())
-    by_module: dict[str, dict[float, list[str]]] = {}
-    for g, member in targets:
-        owner = g.members[0][0].rpartition(".")[0]
-        ratio = (g.size - wanted[g.index]) / g.size
-        by_module.setdefault(owner, {}).setdefault(ratio, []).append(member)
-    ratios: dict[nn.Module, float] = {}
-    for owner, choices in by_module.items():
-        if owner not in modules or not owner:
-            raise MethodError(
-                f"group {next(iter(choices.values()))[0]} is produced by a tensor of the model "
-                "itself, which make_plan's ratios cannot scope; wrap it in a submodule"
-            )
-        cutting = {r: m for r, m in choices.items() if r > 0}
-        if len(cutting) > 1:
-            members = [m for ms in cutting.values() for m in ms]
-            raise MethodError(
-                f"groups {members} share the producer module {owner} but keep different "
-                "fractions, and make_plan sets one ratio per module; export an architecture "
-                "that prunes them alike"
-            )
-        ratios[modules[owner]] = next(iter(cutting), 0.0)
-    return ratios
