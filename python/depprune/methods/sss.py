@@ -914,16 +914,17 @@ def prune(
             reference, seen = _reference_pass(model, structures, example_inputs)
         params_before = _count_params(model)
         macs_before = _count_macs(model, example_inputs) if count_macs else None
-        for name in removed:
+        notes: list[str] = []
+        for name in list(removed):
             ok, why, _ = _zeroable(name, seen[name])
             if not ok:
-                raise MethodError(
-                    f"structure {name} has scale {factors[name]:.4g} but cannot be removed: "
-                    f"{why}; scale a submodule that keeps its input's shape instead, or keep "
-                    "it (a lower threshold)"
+                # Kept with its scale (folded or a buffer): the output stays exact, only smaller.
+                removed.remove(name)
+                notes.append(
+                    f"structure {name} has scale {factors[name]:.4g} but is kept: {why}; "
+                    "scale a submodule that keeps its input's shape to remove it"
                 )
         used_before = _used_outputs(model, example_inputs) if remove_idle and removed else None
-        notes: list[str] = []
         for attempt_fold, attempt_idle in ((fold, remove_idle), (False, False)):
             undo: list[Callable[[], None]] = []
             try:
@@ -955,7 +956,7 @@ def prune(
                 "folding scales or removing unused modules changed the output, so scales "
                 "stay buffers and unused modules stay"
             )
-        report.notes = notes
+        report.notes = notes + report.notes
         report.params_before = params_before
         report.params_after = _count_params(model)
         report.macs_before = macs_before
