@@ -9,7 +9,13 @@ step). :class:`IterativePruner` follows one: step t re-traces the pruned model
 and cuts every group to what one-shot pruning at ``r_t`` keeps of its
 *original* size (``ratio * size`` floored, ``round_to`` and ``min_units`` as
 one-shot), so the last step ends exactly at one-shot's widths for the final
-ratio. Under ``global_ranking`` the ranking chooses each group's count, so a
+ratio wherever the proof accepts them. Where it refutes a count (a hidden size
+the heads do not divide), one-shot keeps that group whole, while a step may
+already have cut it to an accepted count on the way; it then stays there.
+Where units factor as outer x inner (query heads x head_dim, conv groups x
+group width), a step too small to cut the outer factor cuts the inner one, as
+one-shot pruning at that step's ratio would, so the result can differ from
+one-shot's at the final ratio. Under ``global_ranking`` the ranking chooses each group's count, so a
 step removes ``1 - (1 - r_t) / (1 - r_(t-1))`` of what is left instead
 (:func:`step_ratio`).
 
