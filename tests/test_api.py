@@ -278,3 +278,25 @@ def test_the_garbage_collector_pauses_during_work_and_comes_back_even_on_errors(
         assert not gc.isenabled()  # a caller's choice is left alone
     finally:
         gc.enable()
+
+
+def test_keep_units_sets_counts_and_bad_counts_raise_before_anything_changes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 6),
+        torch.nn.ReLU(),
+        torch.nn.Linear(6, 2),
+    )
+    x = torch.randn(2, 4)
+    plan = depprune.make_plan(model, x, ratio=0.5, keep_units={0: 7})
+    assert [(g.size, g.kept) for g in plan.groups] == [(8, 7), (6, 3)]
+    # Under global ranking the counted group is left out of the ranking, the rest ranked.
+    plan = depprune.make_plan(model, x, ratio=0.5, keep_units={1: 5}, global_ranking=True)
+    assert plan.groups[1].kept == 5
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad in ({9: 3}, {0: 0}, {0: True}, [(0, 3)]):
+        with pytest.raises(depprune.SelectionError, match="keep_units"):
+            depprune.prune(model, x, keep_units=bad)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
