@@ -106,6 +106,33 @@ def _count_macs(model: nn.Module, example_inputs: Any) -> int | None:
     return None
 
 
+def size_table(
+    params_before: int, params_after: int, macs_before: int | None, macs_after: int | None
+) -> list[str]:
+    """The before/after/kept rows every report prints ("-" where MACs were not counted).
+
+    >>> for row in size_table(200, 100, None, None):  # doctest: +NORMALIZE_WHITESPACE
+    ...     print(row)
+                          before           after    kept
+    parameters               200             100   50.0%
+    MACs                       -               -       -
+    """
+
+    def ratio(after: int | None, before: int | None) -> str:
+        return f"{after / before:.1%}" if before and after is not None else "-"
+
+    def count(value: int | None) -> str:
+        return "-" if value is None else f"{value:,}"
+
+    return [
+        f"{'':<12}{'before':>16}{'after':>16}{'kept':>8}",
+        f"{'parameters':<12}{params_before:>16,}{params_after:>16,}"
+        f"{ratio(params_after, params_before):>8}",
+        f"{'MACs':<12}{count(macs_before):>16}{count(macs_after):>16}"
+        f"{ratio(macs_after, macs_before):>8}",
+    ]
+
+
 @dataclass
 class PruneReport:
     """What a prune did: sizes before and after, and the units each group kept."""
@@ -123,18 +150,8 @@ class PruneReport:
     kept_whole: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        def ratio(after: int | None, before: int | None) -> str:
-            return f"{after / before:.1%}" if before and after is not None else "-"
-
-        def count(value: int | None) -> str:
-            return "-" if value is None else f"{value:,}"
-
         lines = [
-            f"{'':<12}{'before':>16}{'after':>16}{'kept':>8}",
-            f"{'parameters':<12}{self.params_before:>16,}{self.params_after:>16,}"
-            f"{ratio(self.params_after, self.params_before):>8}",
-            f"{'MACs':<12}{count(self.macs_before):>16}{count(self.macs_after):>16}"
-            f"{ratio(self.macs_after, self.macs_before):>8}",
+            *size_table(self.params_before, self.params_after, self.macs_before, self.macs_after),
             "",
             f"{'group':>5}  {'kind':<9}{'units':>14}  first member",
         ]

@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from depprune.api import _count_macs, _count_params
+from depprune.api import _count_macs, _count_params, size_table
 from depprune.errors import DeppruneError, InternalError, MethodError
 from depprune.shadow import meta_inputs, meta_shadow
 from depprune.tracer import model_inputs, running_stats_kept
@@ -624,18 +624,8 @@ class StructureReport:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        def ratio(after: int | None, before: int | None) -> str:
-            return f"{after / before:.1%}" if before and after is not None else "-"
-
-        def count(value: int | None) -> str:
-            return "-" if value is None else f"{value:,}"
-
         lines = [
-            f"{'':<12}{'before':>16}{'after':>16}{'kept':>8}",
-            f"{'parameters':<12}{self.params_before:>16,}{self.params_after:>16,}"
-            f"{ratio(self.params_after, self.params_before):>8}",
-            f"{'MACs':<12}{count(self.macs_before):>16}{count(self.macs_after):>16}"
-            f"{ratio(self.macs_after, self.macs_before):>8}",
+            *size_table(self.params_before, self.params_after, self.macs_before, self.macs_after),
             "",
             f"{'scale':>10}  structure",
         ]
