@@ -12,14 +12,7 @@ from depprune.importance import ScoreContext, batchnorm_scale
 from depprune.methods import slimming
 from depprune.sparsity import BatchNormL1
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on cores other processes contend for."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IMAGE = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))

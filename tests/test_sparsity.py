@@ -22,14 +22,7 @@ from depprune.sparsity import (
     step_ratio,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on cores other processes contend for."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IMAGE = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
