@@ -11,6 +11,7 @@
 from depprune.api import PruneReport, make_plan, prune, trace
 from depprune.equations import AxisEquations
 from depprune.errors import (
+    CheckpointError,
     ConfigWarning,
     DeppruneError,
     ImportanceError,
@@ -30,6 +31,7 @@ from depprune.plan import Plan
 
 __all__ = [
     "AxisEquations",
+    "CheckpointError",
     "ConfigWarning",
     "DependencyGraph",
     "DeppruneError",

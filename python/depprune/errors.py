@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ConfigWarning",
     "DeppruneError",
     "ImportanceError",
@@ -54,6 +55,10 @@ class MethodError(DeppruneError, ValueError):
 
 class SelectionError(DeppruneError, ValueError):
     """Ratios, scopes or constraints that cannot be used."""
+
+
+class CheckpointError(DeppruneError, ValueError):
+    """A checkpoint on disk cannot be read, lacks what the plan needs, or cannot be written."""
 
 
 class TraceError(DeppruneError, ValueError):

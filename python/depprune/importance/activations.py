@@ -13,7 +13,8 @@ by the norm of the input feature it multiplies (Sun et al. 2023).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from depprune.importance.context import Importance, ScoreContext, _quiet, _scatt
 from depprune.importance.weights import magnitude
 from depprune.tracer import split_inputs
 
-__all__ = ["wanda"]
+__all__ = ["input_square_sums", "wanda", "wanda_from_sums"]
 
 
 def wanda(
@@ -61,6 +62,20 @@ def wanda(
             "calibration gave no batches, or the model has no nn.Linear layers to read "
             "inputs of; pass an iterable of example inputs"
         )
+    return wanda_from_sums(sums, input_dims)
+
+
+def wanda_from_sums(sums: dict[str, torch.Tensor], input_dims: dict[str, int]) -> Importance:
+    """Wanda's importance from each weight's summed squared input features (however run).
+
+    ``sums`` maps weight names to the per-input-feature sums of squares,
+    ``input_dims`` to which dim of the weight is its input (1 for
+    ``nn.Linear``, 0 for transformers' ``Conv1D``).
+
+    >>> score = wanda_from_sums({"0.weight": torch.tensor([9.0, 16.0])}, {"0.weight": 1})
+    >>> score.input_norms["0.weight"].tolist()
+    [3.0, 4.0]
+    """
     norms = {name: total.sqrt() for name, total in sums.items()}
     fallback = magnitude(2)
 
@@ -69,12 +84,12 @@ def wanda(
             norm = norms.get(name)
             if norm is None:
                 return None
-            norm = norm.to(tensor.device)
 
             def weighted(rows: torch.Tensor, part: slice) -> torch.Tensor:
-                # nn.Linear holds (out, in); Conv1D holds (in, out).
+                # nn.Linear holds (out, in); Conv1D holds (in, out). The rows' device,
+                # not the tensor's: a streamed tensor is read from disk to the CPU.
                 scale = norm[None, :] if input_dims[name] == 1 else norm[part, None]
-                return rows.abs_().mul_(scale)
+                return rows.abs_().mul_(scale.to(rows.device))
 
             return ctx.dim_sums(("wanda", name), tensor, dim, weighted)
 
@@ -95,8 +110,38 @@ def _input_square_sums(
 
     Also gives, per weight name, which dim of the weight is the input dim.
     """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = 0
+    with input_square_sums(model) as (sums, input_dims, _):
+        with torch.no_grad():
+            for batch in tqdm(calibration, desc="wanda calibration", disable=_quiet(progress)):
+                batch = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
+                args, kwargs = split_inputs(batch)
+                model(*args, **kwargs)
+                batches += 1
+    return sums, input_dims, batches * bool(input_dims)
+
+
+@contextlib.contextmanager
+def input_square_sums(
+    model: nn.Module,
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int], dict[str, bool]]]:
+    """Hooks on every linear layer adding up the squared norm of each input feature.
+
+    Yields ``(sums, input_dims, switch)``: the sums fill in as the model runs
+    (a module reachable under several names is counted once and listed
+    under each when the block ends); ``switch["on"] = False`` pauses the
+    counting (for a pass whose inputs are counted elsewhere).
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1))
+    >>> with input_square_sums(model) as (sums, dims, switch):
+    ...     _ = model(torch.tensor([[3.0, 4.0]]))
+    >>> sums["0.weight"].tolist(), dims
+    ([9.0, 16.0], {'0.weight': 1})
+    """
     sums: dict[str, torch.Tensor] = {}
     input_dims: dict[str, int] = {}
+    switch = {"on": True}
     hooks = []
     aliases: dict[str, list[str]] = {}
     first_name: dict[int, str] = {}
@@ -106,35 +151,27 @@ def _input_square_sums(
             continue
         name = f"{module_name}.weight" if module_name else "weight"
         input_dims[name] = 0 if is_conv1d else 1
-        # A module reachable under several names is hooked once, scored under every name.
         if id(module) in first_name:
             aliases[first_name[id(module)]].append(name)
             continue
         first_name[id(module)] = name
         aliases[name] = []
-        key = name
 
-        def hook(_module, inputs, _output, key=key) -> None:
+        def hook(_module, inputs, _output, key=name) -> None:
+            if not switch["on"]:
+                return
             x = inputs[0].detach()
             # Reduce at once: only this layer's activation is ever held.
             total = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
             sums[key] = sums[key] + total if key in sums else total
 
         hooks.append(module.register_forward_hook(hook))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = 0
     try:
-        with torch.no_grad():
-            for batch in tqdm(calibration, desc="wanda calibration", disable=_quiet(progress)):
-                batch = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
-                args, kwargs = split_inputs(batch)
-                model(*args, **kwargs)
-                batches += 1
+        yield sums, input_dims, switch
     finally:
         for handle in hooks:
             handle.remove()
-    for name, others in aliases.items():
-        for other in others:
-            if name in sums:
-                sums[other] = sums[name]
-    return sums, input_dims, batches * bool(hooks)
+        for name, others in aliases.items():
+            for other in others:
+                if name in sums:
+                    sums[other] = sums[name]

@@ -1,0 +1,85 @@
+"""io stage, streamed scoring: an importance and a checkpoint to scores read from the files.
+
+:func:`streamed` wraps any criterion built on ``ctx.dim_sums`` (magnitude,
+Wanda, LAMP's sums, a user's own): when it asks for a tensor's per-dim
+sums, the tensor is read from the checkpoint, reduced in float32 chunks and
+dropped, so scoring a model larger than memory holds one tensor at a time
+and reads each once. The model it scores may be a meta-device skeleton.
+
+>>> import os, tempfile, torch, depprune
+>>> from safetensors.torch import save_file
+>>> from depprune.io import Checkpoint
+>>> from depprune.importance import magnitude, score_groups, ScoreContext
+>>> model = torch.nn.Sequential(torch.nn.Linear(2, 3, bias=False), torch.nn.Linear(3, 1, bias=False))
+>>> folder = tempfile.mkdtemp()
+>>> save_file({k: v.detach() for k, v in model.state_dict().items()},
+...           os.path.join(folder, "model.safetensors"))
+>>> graph = depprune.trace(model, torch.zeros(1, 2))
+>>> skeleton = model.to("meta")
+>>> ctx = ScoreContext.from_model(graph, skeleton)
+>>> scores = score_groups(graph.groups, streamed(magnitude(2), Checkpoint(folder)), ctx)
+>>> scores[0].shape
+torch.Size([3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from depprune.graph import Group
+from depprune.importance.context import Importance, ScoreContext, Transform, _all_dim_sums
+from depprune.io.checkpoint import Checkpoint
+
+__all__ = ["streamed"]
+
+
+@dataclass
+class _StreamedContext(ScoreContext):
+    """A ScoreContext whose per-dim sums come from the checkpoint's files."""
+
+    checkpoint: Checkpoint | None = None
+    #: id of each model tensor -> the name the checkpoint stores it under.
+    stored: dict[int, str] = field(default_factory=dict)
+
+    def dim_sums(
+        self, key: Hashable, tensor: torch.Tensor, dim: int, transform: Transform
+    ) -> torch.Tensor:
+        cached = self._sums.get((key, id(tensor)))
+        if cached is None:
+            name = self.stored.get(id(tensor))
+            if name is None or self.checkpoint is None:
+                # Not stored (a buffer the constructor makes): the model's own values.
+                return super().dim_sums(key, tensor, dim, transform)
+            values = self.checkpoint.read(name)
+            cached = self._sums[(key, id(tensor))] = _all_dim_sums(values, transform)
+        return cached[dim]
+
+
+def streamed(importance: Importance, checkpoint: Checkpoint) -> Importance:
+    """``importance`` with every tensor it sums read from ``checkpoint`` instead of the model.
+
+    Give the result to :func:`depprune.make_plan` as ``importance=`` with a
+    model whose tensor names are the checkpoint's (typically its meta-device
+    skeleton, :func:`depprune.io.load_skeleton`).
+    """
+    state: dict[str, object] = {}
+
+    def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
+        if state.get("ctx") is not ctx:
+            stored = {}
+            for name, tensor in ctx.tensors.items():
+                if name in checkpoint.file_of:
+                    stored.setdefault(id(tensor), name)
+            state["ctx"] = ctx
+            state["streamed"] = _StreamedContext(
+                ctx.graph, ctx.tensors, ctx.owners, checkpoint=checkpoint, stored=stored
+            )
+        return importance(group, state["streamed"])  # type: ignore[arg-type]
+
+    # What the criterion carries (globally_comparable, Wanda's input_norms) stays visible.
+    score.__dict__.update(getattr(importance, "__dict__", {}))
+    score.__name__ = getattr(importance, "__name__", "importance")
+    return score
