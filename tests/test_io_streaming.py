@@ -18,6 +18,7 @@ from depprune.io import Checkpoint, apply_to_checkpoint, load_skeleton, plan_che
 transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,7 +145,7 @@ def test_a_tensor_missing_from_the_checkpoint_is_refused_before_writing(tmp_path
     plan = plan_checkpoint(src, ratio=0.5, kinds=("neurons",), progress=False)
     tensors = tensors_of(src)
     del tensors["model.layers.0.mlp.up_proj.weight"]
-    safetensors.torch.save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="does not store"):
         apply_to_checkpoint(src, plan, tmp_path / "out", progress=False)
     assert nothing_written(tmp_path)
@@ -254,3 +255,39 @@ def test_os_copy_fallback_copies_exactly(tmp_path, monkeypatch):
     with open(source, "rb") as handle, open(tmp_path / "b", "wb", buffering=0) as out:
         safetensors_files.copy_range(handle, out, 100, 5000)
     assert (tmp_path / "b").read_bytes() == source.read_bytes()[100:5100]
+
+
+class SmallResNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x)).relu()
+        x = x + self.conv2(x).relu()
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_any_module_streams_with_its_architecture_given(tmp_path):
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    (tmp_path / "src").mkdir()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "src" / "model.safetensors")
+    skeleton = SmallResNet().to("meta")
+    plan = plan_checkpoint(tmp_path / "src", model=skeleton, example_inputs=x, ratio=0.5)
+    apply_to_checkpoint(tmp_path / "src", plan, tmp_path / "out", model=skeleton, progress=False)
+    assert skeleton.conv1.weight.is_meta and skeleton.conv1.out_channels == 8  # unchanged
+    plan.apply(model)
+    pruned = SmallResNet().eval()
+    plan.apply(pruned)
+    written = tensors_of(tmp_path / "out")
+    pruned.load_state_dict(written, strict=True)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), model(x))
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        apply_to_checkpoint(tmp_path / "src", plan, tmp_path / "out2", progress=False)

@@ -340,6 +340,20 @@ def make_plan(
                         "one config sizes both"
                     )
         plan.inputs = input_spec(getattr(graph, "example_inputs", None))
+        # How the plan was made, saved in plan files and shown by `depprune inspect`.
+        plan.choices = {
+            "ratio": ratio,
+            "kinds": sorted(wanted) if kinds is not None else None,
+            "importance": getattr(importance, "__name__", type(importance).__name__)
+            if importance is not None
+            else "l2_magnitude",
+            "round_to": round_to,
+            "min_units": min_units,
+            "global_ranking": global_ranking,
+            "per_module_ratios": len(ratios or {}),
+            "ignored_modules": len(ignored),
+            "keep_units": len(keep_units or {}),
+        }
         if verify:
             plan.mark_proved(model)
         return plan

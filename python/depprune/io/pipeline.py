@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from depprune.errors import ImportanceError
+from depprune.errors import CheckpointError, ImportanceError
 from depprune.importance import Importance, magnitude, random
 from depprune.io.checkpoint import Checkpoint
 from depprune.io.scoring import streamed
@@ -85,6 +85,7 @@ def plan_checkpoint(
     calibration: Iterable[Any] | None = None,
     example_inputs: Any = None,
     seq_len: int = 8,
+    model: torch.nn.Module | None = None,
     progress: bool | None = None,
     **options: Any,
 ) -> Plan:
@@ -97,11 +98,19 @@ def plan_checkpoint(
     ``example_inputs`` default to ``input_ids`` of shape ``(1, seq_len)`` on
     the meta device. Other ``options`` go to :func:`depprune.make_plan`
     (``round_to``, ``global_ranking``, ``ratios``, ``uniform``, ...).
+
+    A checkpoint without ``config.json`` (any model saved with
+    ``safetensors.torch.save_file(model.state_dict(), ...)``) is planned with
+    ``model=`` giving its architecture (best built on the meta device) and
+    ``example_inputs``; it is not changed.
     """
     from depprune.api import make_plan
 
     checkpoint = Checkpoint(src_dir)
-    model = load_skeleton(src_dir)
+    if model is None:
+        model = load_skeleton(src_dir)
+    elif example_inputs is None:
+        raise CheckpointError("plan_checkpoint(model=...) needs example_inputs to trace it")
     check_architecture(checkpoint, model)
     if example_inputs is None:
         example_inputs = {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta")}
