@@ -57,17 +57,7 @@ class _Cut:
             for dim, index in self.dims.items()
             if index.numel() < old.shape[dim]
         }
-        on_cpu = _take_on_cpu(new, cuts)
-        if on_cpu is not None:
-            new = on_cpu
-        elif cuts.keys() == {0, 1}:
-            # Rows and columns in one gather: 1.5-3x faster than two index_selects
-            # (a weight matrix or conv kernel), and no half-cut intermediate.
-            new = new[cuts[0][:, None], cuts[1]]
-        else:
-            # Dim 0 first: whole rows are contiguous copies, and later gathers get smaller.
-            for dim, index in sorted(cuts.items()):
-                new = new.index_select(dim, index)
+        new = cut_tensor(new, cuts)
         if self.fold is not None:
             new = self.fold(new if new.data_ptr() != old.data_ptr() else new.clone())
         if isinstance(old, nn.Parameter):
@@ -80,6 +70,29 @@ class _Cut:
             if undo is not None:
                 undo.append((slots, attr, slots[attr], True))
             slots[attr] = new
+
+
+def cut_tensor(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor`` keeping ``cuts[dim]`` (int64 indices on its device) along each dim.
+
+    The fastest gather for the case (numpy's ``take`` for CPU columns, one
+    gather for rows and columns, else dim 0 first); the result is
+    contiguous, or ``tensor`` itself when nothing is cut.
+
+    >>> cut_tensor(torch.arange(6).view(2, 3), {1: torch.tensor([0, 2])}).tolist()
+    [[0, 2], [3, 5]]
+    """
+    on_cpu = _take_on_cpu(tensor, cuts)
+    if on_cpu is not None:
+        return on_cpu
+    if cuts.keys() == {0, 1}:
+        # Rows and columns in one gather: 1.5-3x faster than two index_selects
+        # (a weight matrix or conv kernel), and no half-cut intermediate.
+        return tensor[cuts[0][:, None], cuts[1]]
+    # Dim 0 first: whole rows are contiguous copies, and later gathers get smaller.
+    for dim, index in sorted(cuts.items()):
+        tensor = tensor.index_select(dim, index)
+    return tensor
 
 
 #: Integer dtypes by element size: a cut only moves bytes, and numpy has no bfloat16.

@@ -35,6 +35,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from depprune.apply.cuts import cut_tensor
 from depprune.errors import CheckpointError
 
 __all__ = [
@@ -241,11 +242,8 @@ def cut_bytes(raw: np.ndarray, entry: TensorEntry, kept: Mapping[int, np.ndarray
             "so it cannot be cut on disk; dequantize the checkpoint first"
         )
     values = torch.from_numpy(raw).view(_RAW[width]).view(entry.shape)
-    # Largest reduction first, so the intermediate copies are as small as they can be.
-    for dim in sorted(kept, key=lambda d: kept[d].size / max(1, entry.shape[d])):
-        index = torch.from_numpy(np.ascontiguousarray(kept[dim], dtype=np.int64))
-        values = values.index_select(dim, index)
-    return values.contiguous().view(torch.uint8).reshape(-1).numpy()
+    index = {d: torch.from_numpy(np.ascontiguousarray(k, dtype=np.int64)) for d, k in kept.items()}
+    return cut_tensor(values, index).contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def write_all(target: BinaryIO, data: np.ndarray | bytes) -> None:
