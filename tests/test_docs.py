@@ -11,6 +11,7 @@ MODULES = [
     "depprune.equations",
     "depprune.errors",
     "depprune.graph",
+    "depprune.graph_view",
     "depprune.demo",
     "depprune.synthetic",
     "depprune.kinds",

@@ -21,6 +21,7 @@ dim)`` pairs that lose indices when one of its units goes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -316,6 +317,38 @@ class DependencyGraph:
             )
             for g in self.groups
         )
+
+    def to_dot(self, path: str | os.PathLike | None = None) -> str:
+        """The graph as Graphviz DOT text (written to ``path`` too when given).
+
+        Groups are coloured nodes, tensors sit in clusters that follow the module
+        tree, and each member is an edge labelled with its dim; see
+        :func:`depprune.graph_view.to_dot`.
+
+        >>> import torch, depprune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> depprune.trace(model, torch.zeros(1, 2)).to_dot().startswith("digraph depprune {")
+        True
+        """
+        from depprune import graph_view  # the renderer loads only when a picture is asked for
+
+        return graph_view.to_dot(self, path)
+
+    def to_html(self, path: str | os.PathLike | None = None, *, title: str | None = None) -> str:
+        """One self-contained HTML page drawing the graph (inline CSS and JS; works offline).
+
+        The module tree is coloured by group, with a legend filtered by kind and
+        the frozen dims, ops without a rule and notes; see
+        :func:`depprune.graph_view.to_html`.
+
+        >>> import torch, depprune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> depprune.trace(model, torch.zeros(1, 2)).to_html(title="mlp").count("<script")
+        3
+        """
+        from depprune import graph_view  # the renderer loads only when a picture is asked for
+
+        return graph_view.to_html(self, path, title=title)
 
     def __str__(self) -> str:
         annotated = any(g.kind for g in self.groups)
