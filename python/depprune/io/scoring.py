@@ -25,6 +25,7 @@ torch.Size([3])
 from __future__ import annotations
 
 from collections.abc import Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,10 @@ class _StreamedContext(ScoreContext):
     checkpoint: Checkpoint | None = None
     #: id of each model tensor -> the name the checkpoint stores it under.
     stored: dict[int, str] = field(default_factory=dict)
+    #: Stored names in the order scoring asks for them (group by group, member by member).
+    order: list[str] = field(default_factory=list)
+    _ahead: dict[str, Future] = field(default_factory=dict)
+    _reader: ThreadPoolExecutor | None = None
 
     def dim_sums(
         self, key: Hashable, tensor: torch.Tensor, dim: int, transform: Transform
@@ -53,9 +58,27 @@ class _StreamedContext(ScoreContext):
             if name is None or self.checkpoint is None:
                 # Not stored (a buffer the constructor makes): the model's own values.
                 return super().dim_sums(key, tensor, dim, transform)
-            values = self.checkpoint.read(name)
+            values = self._read(name)
             cached = self._sums[(key, id(tensor))] = _all_dim_sums(values, transform)
         return cached[dim]
+
+    def _read(self, name: str) -> torch.Tensor:
+        """Tensor ``name``, and the next one in ``order`` read in the background meanwhile."""
+        assert self.checkpoint is not None
+        future = self._ahead.pop(name, None)
+        values = future.result() if future is not None else self.checkpoint.read(name)
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1)
+            self._position = {n: i for i, n in enumerate(self.order)}
+            self._asked: set[str] = set()
+        self._asked.add(name)
+        position = self._position.get(name)
+        # One ahead: the disk reads the next tensor while this one is reduced.
+        for upcoming in self.order[position + 1 :] if position is not None else ():
+            if upcoming not in self._asked and upcoming not in self._ahead:
+                self._ahead[upcoming] = self._reader.submit(self.checkpoint.read, upcoming)
+                break
+        return values
 
 
 def streamed(importance: Importance, checkpoint: Checkpoint) -> Importance:
@@ -73,9 +96,20 @@ def streamed(importance: Importance, checkpoint: Checkpoint) -> Importance:
             for name, tensor in ctx.tensors.items():
                 if name in checkpoint.file_of:
                     stored.setdefault(id(tensor), name)
+            order: dict[str, None] = {}
+            for each in ctx.graph.groups:
+                for name, _ in each.members:
+                    found = stored.get(id(ctx.tensors[name])) if name in ctx.tensors else None
+                    if found is not None:
+                        order.setdefault(found)
             state["ctx"] = ctx
             state["streamed"] = _StreamedContext(
-                ctx.graph, ctx.tensors, ctx.owners, checkpoint=checkpoint, stored=stored
+                ctx.graph,
+                ctx.tensors,
+                ctx.owners,
+                checkpoint=checkpoint,
+                stored=stored,
+                order=list(order),
             )
         return importance(group, state["streamed"])  # type: ignore[arg-type]
 
