@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -324,6 +325,9 @@ def test_bad_arguments_name_the_fix(cnn_graph, tmp_path):
 # --- in a real browser ----------------------------------------------------------------
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+if BROWSER is None and os.environ.get("DEPPRUNE_REQUIRE_BROWSER"):
+    # CI installs Chromium: there a missing browser is a failure, not a skip.
+    raise RuntimeError("DEPPRUNE_REQUIRE_BROWSER is set but there is no chromium on PATH")
 needs_browser = pytest.mark.skipif(
     BROWSER is None,
     reason="no chromium/chromium-browser on PATH (Debian: apt-get install chromium); "

@@ -5,6 +5,12 @@ and their shapes before pruning, so a plan made on a meta-device model
 applies to the same architecture with real weights, and it saves to one
 ``.npz`` file (no pickle) that loads back with every field checked.
 
+A plan file (version 2) also records the architecture the plan was made for
+(class, Hugging Face config, every tensor's shape and dtype), how it was
+made (:attr:`Plan.choices`) and the depprune version that wrote it, and
+holds a ``summary.json`` member that :func:`read_summary` (or any zip and
+JSON reader) reads without numpy. Version-1 files still load.
+
 >>> import tempfile, os, torch, numpy as np
 >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
 >>> plan = Plan.from_kept(model, {("0.weight", 0): np.array([0, 2]),
@@ -15,6 +21,8 @@ applies to the same architecture with real weights, and it saves to one
 14
 >>> path = os.path.join(tempfile.mkdtemp(), "plan.npz")
 >>> plan.save(path)
+>>> read_summary(path)["totals"]
+{'tensors_cut': 3, 'groups_cut': 0, 'units_removed': 0, 'params_before': 26, 'params_after': 14}
 >>> Plan.load(path).apply(model)  # proved on a meta shadow with the saved input shapes
 >>> model[0].out_features, model[1].in_features
 (2, 2)
@@ -26,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,11 +48,30 @@ from depprune.apply import apply_kept_indices, named_tensors
 from depprune.errors import InvalidPlanError, PlanMismatchError
 from depprune.shadow import input_spec, inputs_from_spec
 
-__all__ = ["GroupChoice", "Plan"]
+__all__ = ["GroupChoice", "Plan", "architecture_of", "read_summary"]
 
 ParamDim = tuple[str, int]
 _FORMAT = "depprune-plan"
-_VERSION = 1
+_VERSION = 2
+#: The plan file versions this depprune reads.
+_READS = (1, 2)
+_SUMMARY = "summary.json"
+#: A summary.json claiming more is forged (a real one holds a few lines per group).
+_MAX_SUMMARY_BYTES = 64 * 2**20
+#: How many differences an architecture mismatch names.
+_SHOWN = 5
+_TENSOR_FIELDS = ("shape", "dtype", "kind", "tied_to")
+#: Summary fields copied from the plan file's metadata; Plan.load checks they agree with it.
+_COPIED = (
+    "format",
+    "version",
+    "depprune_version",
+    "architecture",
+    "choices",
+    "inputs",
+    "groups",
+    "kept_whole",
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,13 @@ class Plan:
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)
     #: Traced sizes the plan changes -> their new sizes (what config fields may be sized by).
     widths: dict[int, list[int]] = field(default_factory=dict)
+    #: What the plan was made for (:func:`architecture_of`), recorded by :meth:`from_kept`;
+    #: :meth:`apply` refuses a model that differs. ``None`` for version-1 files.
+    architecture: dict[str, Any] | None = None
+    #: How the plan was made (make_plan's ratio, kinds, importance, ...) as JSON values.
+    choices: dict[str, Any] = field(default_factory=dict)
+    #: The depprune version that wrote the plan file (``None`` unless loaded from a v2 file).
+    depprune_version: str | None = None
     #: (plan fingerprint, model class) of the proof make_plan ran; not saved.
     _proved: tuple[str, type] | None = field(default=None, repr=False, compare=False)
 
@@ -93,7 +128,9 @@ class Plan:
     ) -> Plan:
         """A plan from kept indices (as ``DependencyGraph.kept_indices`` gives) for ``model``.
 
-        ``example_inputs`` are what :meth:`apply` traces and replays to prove it.
+        ``example_inputs`` are what :meth:`apply` traces and replays to prove it. The
+        plan records ``model``'s architecture (:func:`architecture_of`), which
+        :meth:`apply` checks a model against.
         """
         tensors = named_tensors(model)
         shrinking: dict[ParamDim, np.ndarray] = {}
@@ -113,6 +150,7 @@ class Plan:
                 shrinking[(name, dim)] = indices
                 shapes[name] = shape
         plan = cls(kept=shrinking, shapes=shapes, groups=list(groups or []))
+        plan.architecture = architecture_of(model)
         if example_inputs is not None:
             plan.inputs = input_spec(example_inputs)
             if plan.inputs is None:
@@ -122,6 +160,24 @@ class Plan:
                 )
         plan.validate()
         return plan
+
+    @property
+    def architecture_hash(self) -> str | None:
+        """A short hash of the recorded tensor names and shapes; ``None`` without a record.
+
+        Dtypes, devices and the config are left out, as :meth:`apply`'s check leaves
+        them out: a bf16 meta skeleton and the float32 model it describes share it.
+
+        >>> import torch
+        >>> def record_hash(layer):
+        ...     return Plan.from_kept(layer, {}).architecture_hash
+        >>> real = record_hash(torch.nn.Linear(3, 4))
+        >>> real == record_hash(torch.nn.Linear(3, 4, dtype=torch.bfloat16, device="meta"))
+        True
+        >>> real == record_hash(torch.nn.Linear(3, 5))
+        False
+        """
+        return None if self.architecture is None else _tensors_hash(self.architecture["tensors"])
 
     def fingerprint(self) -> str:
         """A hash of every kept index list and shape (what a proof is about)."""
@@ -155,6 +211,20 @@ class Plan:
                 raise InvalidPlanError(
                     f"the kept indices of {name!r} dim {dim} must be sorted, unique and in "
                     f"[0, {shape[dim]}); the plan file may be corrupt"
+                )
+        if not isinstance(self.choices, dict):
+            raise InvalidPlanError(
+                f"plan.choices must be a dict of JSON values, not a {type(self.choices).__name__}"
+            )
+        _check_json(self.choices, "plan.choices")
+        recorded = self.architecture["tensors"] if self.architecture is not None else None
+        for name, shape in self.shapes.items() if recorded is not None else ():
+            entry = recorded.get(name)
+            if entry is None or tuple(entry["shape"]) != shape:
+                raise InvalidPlanError(
+                    f"the plan cuts {name!r} of shape {shape}, but its architecture record "
+                    f"has {'no such tensor' if entry is None else tuple(entry['shape'])}; the "
+                    "plan file may be corrupt"
                 )
 
     def params_after(self, model: nn.Module) -> int:
@@ -202,19 +272,10 @@ class Plan:
         optimizer left out that holds cut parameters gets a warning.
         """
         tensors = named_tensors(model)
-        for name, shape in self.shapes.items():
-            if name not in tensors:
-                raise PlanMismatchError(
-                    f"the plan cuts {name!r}, which {type(model).__name__} does not have; "
-                    "apply a plan to the architecture it was made for"
-                )
-            module, attr, _ = tensors[name]
-            actual = tuple(getattr(module, attr).shape)
-            if actual != shape:
-                raise PlanMismatchError(
-                    f"the plan was made for {name!r} of shape {shape}, but the model's has "
-                    f"shape {actual}; was it already pruned, or is it another configuration?"
-                )
+        self.check_shapes(
+            {name: getattr(module, attr).shape for name, (module, attr, _) in tensors.items()},
+            owner=type(model).__name__,
+        )
         with paused_gc():
             if verify and self.kept and self._proved != (self.fingerprint(), type(model)):
                 self._prove(model, example_inputs)
@@ -226,6 +287,128 @@ class Plan:
                 attributes=self.attributes,
                 widths=self.widths,
             )
+
+    def check_shapes(
+        self, shapes: Mapping[str, Iterable[int]], *, owner: str = "the model"
+    ) -> None:
+        """Raise :class:`PlanMismatchError` unless ``shapes`` (name -> shape) fit the plan.
+
+        With an architecture record (plans from :meth:`from_kept`, version-2 files)
+        every recorded tensor must be in ``shapes`` with its recorded shape, and
+        ``shapes`` may hold no other; without one, the tensors the plan cuts must
+        have their planned shapes. Dtypes are not compared. The message names the
+        first differences (the cut tensors' first). :meth:`apply` runs this on the
+        model's parameters and buffers (tied names included) before anything changes.
+
+        >>> import torch, numpy as np
+        >>> plan = Plan.from_kept(torch.nn.Linear(3, 4), {("weight", 0): np.array([1]),
+        ...                                                ("bias", 0): np.array([1])})
+        >>> plan.check_shapes({"weight": (4, 3), "bias": (4,)})
+        >>> plan.check_shapes({"weight": (1, 3), "bias": (1,)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        depprune.errors.PlanMismatchError: the plan was made for 'weight' of shape (4, 3), but ...
+        """
+        recorded = (
+            {name: tuple(entry["shape"]) for name, entry in self.architecture["tensors"].items()}
+            if self.architecture is not None
+            else dict(self.shapes)
+        )
+        given = {name: tuple(shape) for name, shape in shapes.items()}
+        differences, reshaped = [], False
+        # The tensors the plan cuts first: a difference there says most (already pruned?).
+        for name in [*self.shapes, *(n for n in recorded if n not in self.shapes)]:
+            want = recorded[name] if name in recorded else self.shapes[name]
+            actual = given.get(name)
+            if actual is None:
+                what = "cuts" if name in self.shapes else "was made for a model with"
+                differences.append(f"the plan {what} {name!r}, which {owner} does not have")
+            elif actual != want:
+                reshaped = True
+                differences.append(
+                    f"the plan was made for {name!r} of shape {want}, but the model's has "
+                    f"shape {actual}"
+                )
+        made_for = ""
+        if self.architecture is not None:
+            made_for = f" ({self.architecture['class']}, architecture {self.architecture_hash})"
+            differences += [
+                f"{owner} has {name!r}, which the model the plan was made for did not have"
+                for name in given
+                if name not in recorded
+            ]
+        if not differences:
+            return
+        shown = "; ".join(differences[:_SHOWN])
+        if len(differences) > _SHOWN:
+            shown += f" (and {len(differences) - _SHOWN} more differences)"
+        question = "; was it already pruned, or is it another configuration?" if reshaped else ";"
+        raise PlanMismatchError(
+            f"{shown}{question} apply a plan to the architecture it was made for{made_for}, "
+            "or make one for this model with depprune.make_plan; nothing was changed"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What the plan does, as the JSON that :meth:`save` writes and :func:`read_summary` reads.
+
+        Keys: format, version, depprune_version, architecture (class, hash,
+        model_type, or ``None``), choices, inputs, groups (one row per group),
+        kept_whole (group and reason) and totals (tensors_cut, groups_cut,
+        units_removed, params_before, params_after; the parameter counts are
+        ``None`` without an architecture record).
+
+        >>> import torch, numpy as np
+        >>> plan = Plan.from_kept(torch.nn.Linear(3, 4), {("weight", 0): np.array([1]),
+        ...                                                ("bias", 0): np.array([1])})
+        >>> plan.summary()["totals"]
+        {'tensors_cut': 2, 'groups_cut': 0, 'units_removed': 0, 'params_before': 16, 'params_after': 4}
+        """
+        return self._summary(self.depprune_version or _depprune_version())
+
+    def _summary(self, version: str) -> dict[str, Any]:
+        architecture = None
+        params_before = params_after = None
+        if self.architecture is not None:
+            config = self.architecture["config"] or {}
+            architecture = {
+                "class": self.architecture["class"],
+                "hash": self.architecture_hash,
+                "model_type": config.get("model_type"),
+            }
+            params_before, params_after = self._recorded_params()
+        summary = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "depprune_version": version,
+            "architecture": architecture,
+            "choices": self.choices,
+            "inputs": self.inputs,
+            "groups": [dict(vars(choice)) for choice in self.groups],
+            "kept_whole": [
+                {"group": group, "reason": why} for group, why in sorted(self.kept_whole.items())
+            ],
+            "totals": {
+                "tensors_cut": len(self.shapes),
+                "groups_cut": sum(choice.kept < choice.size for choice in self.groups),
+                "units_removed": sum(choice.size - choice.kept for choice in self.groups),
+                "params_before": params_before,
+                "params_after": params_after,
+            },
+        }
+        # Through JSON, so that the dict is exactly what read_summary gives back (lists, not tuples).
+        return json.loads(_json_bytes(summary))
+
+    def _recorded_params(self) -> tuple[int, int]:
+        """Parameters before and after, from the architecture record (tied ones counted once)."""
+        assert self.architecture is not None
+        kept_sizes = {key: indices.size for key, indices in self.kept.items()}
+        before = after = 0
+        for name, entry in self.architecture["tensors"].items():
+            # Under its first name only, as params_after(model) counts a tied parameter.
+            if entry["kind"] != "parameter" or entry["tied_to"] is not None:
+                continue
+            before += math.prod(entry["shape"])
+            after += math.prod(kept_sizes.get((name, d), s) for d, s in enumerate(entry["shape"]))
+        return before, after
 
     def _prove(self, model: nn.Module, example_inputs: Any) -> None:
         """Trace ``model``, check the plan removes whole units, and replay it on a shadow."""
@@ -282,46 +465,76 @@ class Plan:
         return keep
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the plan to one ``.npz`` file (indices as int64 arrays, the rest as JSON)."""
+        """Write the plan to one ``.npz`` file: indices as int64 arrays, the rest as JSON.
+
+        The file (plan format version 2) is a zip that ``numpy.load`` opens; its
+        ``summary.json`` member is plain JSON (:meth:`summary`), which
+        :func:`read_summary`, ``unzip -p plan.npz summary.json`` or any zip
+        reader gives without numpy.
+        """
+        self.validate()
+        version = _depprune_version()
         keys = list(self.kept)
-        arrays = [self.kept[k] for k in keys]
+        removed = sorted(self.removed)
         meta = {
             "format": _FORMAT,
             "version": _VERSION,
+            "depprune_version": version,
             "members": [[name, dim] for name, dim in keys],
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
             "groups": [list(vars(g).values()) for g in self.groups],
             "inputs": self.inputs,
             "attributes": self.attributes,
             "widths": {str(k): v for k, v in self.widths.items()},
+            "kept_whole": {str(g): why for g, why in sorted(self.kept_whole.items())},
+            "removed": removed,
+            "architecture": self.architecture,
+            "choices": self.choices,
         }
-        offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
-        indices = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-        with open(path, "wb") as handle:
-            np.savez(
-                handle,
-                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                offsets=offsets,
-                indices=indices.astype(np.int64),
-            )
+        offsets, indices = _packed([self.kept[k] for k in keys])
+        removed_offsets, removed_units = _packed([self.removed[g] for g in removed])
+        arrays = {
+            "meta": np.frombuffer(_json_bytes(meta), dtype=np.uint8),
+            "offsets": offsets,
+            "indices": indices,
+            "removed_offsets": removed_offsets,
+            "removed_units": removed_units,
+        }
+        summary = _json_bytes(self._summary(version), indent=1)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            # Written as np.savez writes them, so numpy.load reads the arrays as before.
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+            # The date np.savez's members get too: the same plan gives the same bytes.
+            member = zipfile.ZipInfo(_SUMMARY, date_time=(1980, 1, 1, 0, 0, 0))
+            archive.writestr(member, summary, compress_type=zipfile.ZIP_DEFLATED)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        """Read a plan written by :meth:`save`; a damaged file raises InvalidPlanError."""
+        """Read a plan written by :meth:`save`; a damaged file raises InvalidPlanError.
+
+        Version-1 files (depprune before plan files recorded the architecture)
+        load with ``architecture=None`` and empty ``choices``; a file from a newer
+        depprune raises InvalidPlanError saying to upgrade.
+        """
         where = _path_text(path)
         # Anything a damaged or hostile file can make numpy, zipfile or json raise (EOFError,
         # RecursionError from deep nesting, MemoryError from a forged header, ...) is caught.
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(bytes(data["meta"]).decode())
-                offsets, indices = data["offsets"], data["indices"]
+                names = ["offsets", "indices"]
+                if isinstance(meta, dict) and meta.get("version") == _VERSION:
+                    names += ["removed_offsets", "removed_units"]
+                arrays = {name: data[name] for name in names}
         except Exception as exc:
             raise InvalidPlanError(
                 f"{where} is not a readable depprune plan ({type(exc).__name__}: "
                 f"{_short(exc)}); write plans with Plan.save"
             ) from exc
         try:
-            return cls._from_meta(meta, offsets, indices)
+            plan = cls._from_meta(meta, arrays)
         except InvalidPlanError as exc:
             raise InvalidPlanError(f"{where}: {exc}") from exc
         except Exception as exc:
@@ -329,15 +542,28 @@ class Plan:
                 f"{where} holds a malformed plan ({type(exc).__name__}: {_short(exc)}); "
                 "it may be corrupt or from another depprune version"
             ) from exc
+        if meta["version"] >= 2:
+            summary, mine = read_summary(path), plan.summary()
+            disagree = [key for key in _COPIED if summary.get(key) != mine[key]]
+            if disagree:
+                raise InvalidPlanError(
+                    f"{where}: its {_SUMMARY} disagrees with the plan it summarises (on "
+                    f"{', '.join(disagree)}); the file was edited or is corrupt: make the plan "
+                    "again and save it with Plan.save"
+                )
+        return plan
 
     @classmethod
-    def _from_meta(cls, meta: dict, offsets: np.ndarray, indices: np.ndarray) -> Plan:
+    def _from_meta(cls, meta: dict, arrays: dict[str, np.ndarray]) -> Plan:
         if not isinstance(meta, dict):
             raise InvalidPlanError(f"malformed plan: its metadata is a {type(meta).__name__}")
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        version = meta.get("version")
+        if meta.get("format") == _FORMAT and type(version) is int and version > _VERSION:
+            raise InvalidPlanError(_newer(version))
+        if meta.get("format") != _FORMAT or version not in _READS or type(version) is not int:
             raise InvalidPlanError(
-                f"not a version-{_VERSION} depprune plan (format {meta.get('format')!r}, "
-                f"version {meta.get('version')!r})"
+                f"not a version-1 depprune plan, nor a version-2 one (format "
+                f"{meta.get('format')!r}, version {version!r}); write plans with Plan.save"
             )
         members = [
             (_typed(m[0], str, "member name"), _typed(m[1], int, "member dim"))
@@ -345,22 +571,13 @@ class Plan:
         ]
         if len(set(members)) != len(members):
             raise InvalidPlanError("malformed plan: a (tensor, dim) is listed twice in members")
-        if not isinstance(offsets, np.ndarray) or not isinstance(indices, np.ndarray):
-            raise InvalidPlanError("malformed plan: offsets and indices must be arrays")
-        if offsets.dtype != np.int64 or indices.dtype != np.int64:
-            raise InvalidPlanError("plan offsets and indices must be int64 arrays")
-        if (
-            offsets.shape != (len(members) + 1,)
-            or offsets[0] != 0
-            or offsets[-1] != indices.size
-            or np.any(np.diff(offsets) < 0)
-        ):
-            raise InvalidPlanError(
-                f"plan offsets do not split {indices.size} indices into {len(members)} lists"
+        kept = dict(
+            zip(
+                members,
+                _unpacked(arrays["offsets"], arrays["indices"], len(members), "indices"),
+                strict=True,
             )
-        kept = {key: indices[offsets[i] : offsets[i + 1]].copy() for i, key in enumerate(members)}
-        if indices.ndim != 1:
-            raise InvalidPlanError(f"malformed plan: indices is a {indices.ndim}-d array")
+        )
         shapes_meta = meta.get("shapes")
         if not isinstance(shapes_meta, dict):
             raise InvalidPlanError(
@@ -400,12 +617,270 @@ class Plan:
             attributes=attributes,
             widths={int(k): list(v) for k, v in widths.items()},
         )
+        if version >= 2:
+            plan._read_v2_fields(meta, arrays)
         plan.validate()
         return plan
+
+    def _read_v2_fields(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Check and set what version 2 added: who wrote it, for what, how; removed units."""
+        self.depprune_version = _typed(meta.get("depprune_version"), str, "depprune_version")
+        self.architecture = _checked_architecture(meta.get("architecture"))
+        self.choices = _typed(meta.get("choices"), dict, "choices")
+        kept_whole = _typed(meta.get("kept_whole"), dict, "kept_whole")
+        for group, why in kept_whole.items():
+            if not group.isdigit():
+                raise InvalidPlanError(f"malformed plan: kept_whole names group {group!r:.80}")
+            _typed(why, str, f"the reason group {group} was kept whole")
+        self.kept_whole = {int(group): why for group, why in kept_whole.items()}
+        removed = [
+            _typed(g, int, "a group with removed units")
+            for g in _typed(meta.get("removed"), list, "removed")
+        ]
+        if len(set(removed)) != len(removed):
+            raise InvalidPlanError("malformed plan: removed lists a group twice")
+        sizes = {choice.index: choice.size for choice in self.groups}
+        units = _unpacked(
+            arrays["removed_offsets"], arrays["removed_units"], len(removed), "removed units"
+        )
+        for group, ids in zip(removed, units, strict=True):
+            size = sizes.get(group)
+            if ids.size and (ids[0] < 0 or (size is not None and ids[-1] >= size)):
+                raise InvalidPlanError(
+                    f"the plan removes unit {int(ids[-1] if ids[0] >= 0 else ids[0])} of group "
+                    f"{group}, which has {size} units; the plan file may be corrupt"
+                )
+            if np.any(np.diff(ids) <= 0):
+                raise InvalidPlanError(f"the removed units of group {group} must be sorted, unique")
+        self.removed = dict(zip(removed, units, strict=True))
 
     def __repr__(self) -> str:
         cut = sum(c.size - c.kept for c in self.groups)
         return f"Plan({len(self.kept)} parameter dims cut, {cut} units removed)"
+
+
+def architecture_of(model: nn.Module) -> dict[str, Any]:
+    """What a plan for ``model`` records of it: class, HF config, every tensor's shape and dtype.
+
+    ``tensors`` maps every parameter and buffer name (tied names too, with
+    ``tied_to`` naming the first name of the same tensor) to its shape, dtype
+    and kind; ``config`` is ``model.config.to_dict()`` made JSON-able, or
+    ``None`` for a model without one. Nothing is read from the tensors' data,
+    so a meta-device model gives the same record as the real one.
+
+    >>> import torch
+    >>> record = architecture_of(torch.nn.Linear(3, 4))
+    >>> record["class"], record["config"], record["tensors"]["weight"]
+    ('Linear', None, {'shape': [4, 3], 'dtype': 'float32', 'kind': 'parameter', 'tied_to': None})
+    """
+    tensors: dict[str, dict[str, Any]] = {}
+    first_name: dict[int, str] = {}
+    for name, (module, attr, is_param) in named_tensors(model).items():
+        tensor = getattr(module, attr)
+        first = first_name.setdefault(id(tensor), name)
+        tensors[name] = {
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "kind": "parameter" if is_param else "buffer",
+            "tied_to": None if first == name else first,
+        }
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    config = _jsonable(to_dict()) if callable(to_dict) else None
+    return {
+        "class": type(model).__name__,
+        "config": config if isinstance(config, dict) else None,
+        "tensors": tensors,
+    }
+
+
+def read_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``summary.json`` of a plan file (:meth:`Plan.summary`), read with zipfile and json only.
+
+    Needs neither numpy nor torch at run time: what a tool that lists plans,
+    or a look before loading a large one, uses. A file that is not a version-2
+    plan (a version-1 one has no summary) raises :class:`InvalidPlanError`.
+
+    >>> import os, tempfile, torch, numpy as np
+    >>> path = os.path.join(tempfile.mkdtemp(), "plan.npz")
+    >>> kept = {("weight", 0): np.array([1]), ("bias", 0): np.array([1])}
+    >>> Plan.from_kept(torch.nn.Linear(3, 4), kept).save(path)
+    >>> summary = read_summary(path)
+    >>> summary["architecture"]["class"], summary["totals"]["params_after"]
+    ('Linear', 4)
+    """
+    where = _path_text(path)
+    names: set[str] = set()
+    summary = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if _SUMMARY in names:
+                size = archive.getinfo(_SUMMARY).file_size
+                if size > _MAX_SUMMARY_BYTES:
+                    raise ValueError(f"its {_SUMMARY} claims {size} bytes, far more than a summary")
+                summary = json.loads(archive.read(_SUMMARY).decode("utf-8"))
+    except Exception as exc:  # whatever a damaged or hostile zip makes zipfile or json raise
+        raise InvalidPlanError(
+            f"{where} is not a readable depprune plan ({type(exc).__name__}: {_short(exc)}); "
+            "write plans with Plan.save"
+        ) from exc
+    if summary is None and "removed_units.npy" in names:  # a member only version 2 writes
+        raise InvalidPlanError(
+            f"{where} is a version-2 plan file without its {_SUMMARY}: it is damaged; make the "
+            "plan again and save it with Plan.save"
+        )
+    if summary is None and "meta.npy" in names:
+        raise InvalidPlanError(
+            f"{where} has no {_SUMMARY}: it is a version-1 plan file; Plan.load(path).summary() "
+            "gives its summary, and Plan.load(path).save(path) rewrites it as version 2"
+        )
+    if summary is None:
+        raise InvalidPlanError(f"{where} has no {_SUMMARY}, so it is not a depprune plan file")
+    if not isinstance(summary, dict):
+        raise InvalidPlanError(
+            f"{where}: its {_SUMMARY} is a JSON {type(summary).__name__}, not an object; the "
+            "file is corrupt"
+        )
+    version = summary.get("version")
+    if summary.get("format") == _FORMAT and type(version) is int and version > _VERSION:
+        raise InvalidPlanError(f"{where} {_newer(version)}")
+    if summary.get("format") != _FORMAT or version != _VERSION:
+        raise InvalidPlanError(
+            f"{where}: its {_SUMMARY} is not a version-{_VERSION} depprune plan summary (format "
+            f"{summary.get('format')!r:.80}, version {version!r:.80})"
+        )
+    fields = {"groups": list, "kept_whole": list, "totals": dict, "choices": dict}
+    wrong = [key for key, kind in fields.items() if not isinstance(summary.get(key), kind)]
+    if wrong or not all(isinstance(row, dict) for row in summary["groups"]):
+        raise InvalidPlanError(
+            f"{where}: its {_SUMMARY} lacks or misshapes {', '.join(wrong) or 'group rows'}; the "
+            "file is corrupt"
+        )
+    return summary
+
+
+def _depprune_version() -> str:
+    import depprune  # here, not at the top: depprune's __init__ imports this module
+
+    return depprune.__version__
+
+
+def _newer(version: int) -> str:
+    return (
+        f"was written by a newer depprune (plan file version {version}; this depprune reads "
+        f"versions {', '.join(map(str, _READS))}): upgrade depprune (pip install -U depprune) "
+        "to read it"
+    )
+
+
+def _json_bytes(value: object, indent: int | None = None) -> bytes:
+    return json.dumps(value, indent=indent, separators=None if indent else (",", ":")).encode()
+
+
+def _tensors_hash(tensors: Mapping[str, Mapping[str, Any]]) -> str:
+    names_and_shapes = sorted((name, list(entry["shape"])) for name, entry in tensors.items())
+    return hashlib.blake2b(_json_bytes(names_and_shapes), digest_size=8).hexdigest()
+
+
+def _packed(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and concatenation of int64 arrays (how a plan file stores lists of indices)."""
+    offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    return offsets, values.astype(np.int64)
+
+
+def _unpacked(offsets: object, values: object, count: int, what: str) -> list[np.ndarray]:
+    """The ``count`` lists :func:`_packed` stored, after checking offsets and values fit."""
+    if not isinstance(offsets, np.ndarray) or not isinstance(values, np.ndarray):
+        raise InvalidPlanError(f"malformed plan: offsets and {what} must be arrays")
+    if offsets.dtype != np.int64 or values.dtype != np.int64:
+        raise InvalidPlanError(f"plan offsets and {what} must be int64 arrays")
+    if values.ndim != 1:
+        raise InvalidPlanError(f"malformed plan: {what} is a {values.ndim}-d array")
+    if (
+        offsets.shape != (count + 1,)
+        or offsets[0] != 0
+        or offsets[-1] != values.size
+        or np.any(np.diff(offsets) < 0)
+    ):
+        raise InvalidPlanError(f"plan offsets do not split {values.size} {what} into {count} lists")
+    return [values[offsets[i] : offsets[i + 1]].copy() for i in range(count)]
+
+
+def _checked_architecture(value: object) -> dict[str, Any] | None:
+    """A plan file's architecture record, after checking every field's type."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"class", "config", "tensors"}:
+        raise InvalidPlanError(
+            "malformed plan: its architecture must be a JSON object of class, config and tensors"
+        )
+    _typed(value["class"], str, "the architecture's class")
+    if value["config"] is not None:
+        _typed(value["config"], dict, "the architecture's config")
+    tensors = _typed(value["tensors"], dict, "the architecture's tensors")
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict) or set(entry) != set(_TENSOR_FIELDS):
+            raise InvalidPlanError(
+                f"malformed plan: the architecture's record of {name!r:.80} must have "
+                f"{', '.join(_TENSOR_FIELDS)}"
+            )
+        shape = _typed(entry["shape"], list, f"the recorded shape of {name!r:.80}")
+        if not all(type(size) is int and size >= 0 for size in shape):
+            raise InvalidPlanError(
+                f"malformed plan: the recorded shape of {name!r:.80} is {shape!r:.80}"
+            )
+        _typed(entry["dtype"], str, f"the recorded dtype of {name!r:.80}")
+        if entry["kind"] not in ("parameter", "buffer"):
+            raise InvalidPlanError(f"malformed plan: {name!r:.80} is a {entry['kind']!r:.80}")
+        tied_to = entry["tied_to"]
+        first = tensors.get(tied_to) if isinstance(tied_to, str) else None
+        if tied_to is not None and not (
+            isinstance(first, dict) and first.get("tied_to") is None and first.get("shape") == shape
+        ):
+            raise InvalidPlanError(
+                f"malformed plan: {name!r:.80} is recorded as tied to {tied_to!r:.80}, which is "
+                "not a first name of a tensor of its shape"
+            )
+    return value
+
+
+def _check_json(value: object, what: str, depth: int = 0) -> None:
+    """Raise InvalidPlanError unless ``value`` is plain JSON (finite numbers, string keys)."""
+    if depth > 32:
+        raise InvalidPlanError(f"{what} nests deeper than 32 levels")
+    if (
+        value is None
+        or isinstance(value, str | int)
+        or (isinstance(value, float) and math.isfinite(value))
+    ):
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_json(item, what, depth + 1)
+        return
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        for item in value.values():
+            _check_json(item, what, depth + 1)
+        return
+    raise InvalidPlanError(
+        f"{what} must hold only JSON values (strings, finite numbers, booleans, None, lists "
+        f"and string-keyed dicts); {value!r:.80} is of type {type(value).__name__}: convert it "
+        "(int(), float(), str(), list())"
+    )
+
+
+def _jsonable(value: object, depth: int = 0) -> object:
+    """``value`` as plain JSON: tuples as lists, other objects (a torch.dtype, ...) as text."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth < 32 and isinstance(value, list | tuple):
+        return [_jsonable(item, depth + 1) for item in value]
+    if depth < 32 and isinstance(value, dict):
+        return {str(key): _jsonable(item, depth + 1) for key, item in value.items()}
+    return str(value)
 
 
 def _path_text(path: object) -> str:
