@@ -12,6 +12,8 @@ MODULES = [
     "depprune.errors",
     "depprune.graph",
     "depprune.graph_view",
+    "depprune.cli",
+    "depprune.cli_models",
     "depprune.demo",
     "depprune.synthetic",
     "depprune.kinds",
