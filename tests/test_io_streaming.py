@@ -291,3 +291,16 @@ def test_any_module_streams_with_its_architecture_given(tmp_path):
         assert torch.equal(pruned(x), model(x))
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         apply_to_checkpoint(tmp_path / "src", plan, tmp_path / "out2", progress=False)
+
+
+def test_direct_reads_give_the_buffered_bytes(tmp_path):
+    from depprune.io.safetensors_files import buffer_for
+
+    src = save(tiny_llama(False, dtype=torch.bfloat16), tmp_path / "src", sharded=True)
+    buffered, direct = Checkpoint(src, direct=False), Checkpoint(src, direct=True)
+    assert not Checkpoint(src).direct  # a small checkpoint goes through the page cache
+    reused = buffer_for(direct.largest)
+    for name in buffered.names:
+        expected = buffered.read_raw(name).tobytes()
+        assert direct.read_raw(name).tobytes() == expected, name
+        assert direct.read_raw(name, reused).tobytes() == expected, name  # a reused buffer

@@ -43,7 +43,7 @@ SINGLE_NAME = "model.safetensors"
 class Checkpoint:
     """The tensors of a safetensors checkpoint (a directory, or one ``.safetensors`` file)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, direct: bool | None = None) -> None:
         path = Path(path)
         if path.is_file() and path.suffix == ".safetensors":
             self.folder, files = path.parent, [path.name]
@@ -71,6 +71,9 @@ class Checkpoint:
                 self.file_of[name] = file
         if self.index is not None:
             _check_index(self.index, self.file_of)
+        #: Read with O_DIRECT (bypassing the page cache): by default when the checkpoint
+        #: is larger than half the memory, so caching it would only evict other data.
+        self.direct = _larger_than_half_the_memory(self.nbytes) if direct is None else direct
 
     @property
     def names(self) -> list[str]:
@@ -107,27 +110,40 @@ class Checkpoint:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
-    def read_raw(self, name: str) -> np.ndarray:
-        """The bytes of tensor ``name`` as a uint8 array (one read, no memory map)."""
+    def read_raw(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """The bytes of tensor ``name`` as a uint8 array (in ``into``, a reusable buffer
+        from :func:`~depprune.io.safetensors_files.buffer_for`, when given)."""
         entry = self.entry(name)
         header = self.headers[self.file_of[name]]
-        return read_bytes(header.path, header, entry)
+        return read_bytes(header.path, header, entry, into=into, direct=self.direct)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` on the CPU, in its stored dtype."""
+    @property
+    def largest(self) -> int:
+        """Bytes of the largest tensor (what a read buffer must hold)."""
+        return max((t.nbytes for h in self.headers.values() for t in h.tensors.values()), default=0)
+
+    def read(self, name: str, into: np.ndarray | None = None) -> torch.Tensor:
+        """Tensor ``name`` on the CPU, in its stored dtype (a view of ``into`` when given)."""
         entry = self.entry(name)
         dtype = torch_dtype(entry.dtype)
         if dtype is None:
             raise CheckpointError(
                 f"{name!r} is stored as {entry.dtype}, which this torch cannot represent"
             )
-        return torch.from_numpy(self.read_raw(name)).view(dtype).reshape(entry.shape)
+        return torch.from_numpy(self.read_raw(name, into)).view(dtype).reshape(entry.shape)
 
     def __repr__(self) -> str:
         return (
             f"Checkpoint({os.fspath(self.folder)!r}, {len(self.file_of)} tensors in "
             f"{len(self.headers)} files, {self.nbytes / 2**30:.2f} GiB)"
         )
+
+
+def _larger_than_half_the_memory(nbytes: int) -> bool:
+    try:
+        return nbytes > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def _shard_files(folder: Path) -> tuple[list[str], dict | None]:

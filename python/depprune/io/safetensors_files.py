@@ -39,9 +39,11 @@ from depprune.apply.cuts import cut_tensor
 from depprune.errors import CheckpointError
 
 __all__ = [
+    "DIRECT_ALIGNMENT",
     "DTYPE_BYTES",
     "FileHeader",
     "TensorEntry",
+    "buffer_for",
     "copy_range",
     "cut_bytes",
     "read_bytes",
@@ -218,19 +220,78 @@ def write_header(
     out.write(text)
 
 
-def read_bytes(path: str, header: FileHeader, entry: TensorEntry) -> np.ndarray:
-    """The raw bytes of one tensor, read with one ``readinto`` (no memory map)."""
-    buffer = np.empty(entry.nbytes, dtype=np.uint8)
-    with open(path, "rb", buffering=0) as handle:
-        handle.seek(header.data_start + entry.begin)
-        view = memoryview(buffer)
-        done = 0
-        while done < entry.nbytes:
-            count = handle.readinto(view[done:])
-            if not count:
-                raise CheckpointError(f"{path} ended inside {entry.name!r}; the file is truncated")
-            done += count
-    return buffer
+#: O_DIRECT transfers start, end and land on multiples of this (the largest common block).
+DIRECT_ALIGNMENT = 4096
+
+
+def buffer_for(nbytes: int) -> np.ndarray:
+    """A reusable read buffer for tensors of up to ``nbytes``, direct reads included.
+
+    torch's allocator backs large blocks with huge pages, so filling it costs
+    far fewer page faults than a fresh ``np.empty``.
+    """
+    return torch.empty(nbytes + 3 * DIRECT_ALIGNMENT, dtype=torch.uint8).numpy()
+
+
+def read_bytes(
+    path: str,
+    header: FileHeader,
+    entry: TensorEntry,
+    *,
+    into: np.ndarray | None = None,
+    direct: bool = False,
+) -> np.ndarray:
+    """The raw bytes of one tensor (a view of ``into`` when given, see :func:`buffer_for`).
+
+    ``direct=True`` reads with ``O_DIRECT``: the disk writes into the buffer
+    and the page cache is bypassed, which on a checkpoint larger than memory
+    halves the kernel's CPU time (no copy, no cache to fill and evict). Where
+    the filesystem refuses ``O_DIRECT`` the read is buffered.
+    """
+    start = header.data_start + entry.begin
+    if into is None:
+        into = buffer_for(entry.nbytes)
+    if into.size < entry.nbytes + 3 * DIRECT_ALIGNMENT:
+        raise ValueError("the read buffer is smaller than the tensor")
+    if direct and hasattr(os, "O_DIRECT"):
+        first = start // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
+        last = -(-(start + entry.nbytes) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        shift = -into.ctypes.data % DIRECT_ALIGNMENT
+        window = into[shift : shift + last - first]
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            fd = -1  # the filesystem has no O_DIRECT: read through the page cache below
+        if fd >= 0:
+            try:
+                done = _read_fully(fd, window, first, stop=start + entry.nbytes - first)
+            except OSError:
+                done = -1  # e.g. EINVAL from a device with larger blocks
+            finally:
+                os.close(fd)
+            if done >= start + entry.nbytes - first:
+                return window[start - first : start - first + entry.nbytes]
+    target = into[: entry.nbytes]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = _read_fully(fd, target, start, stop=entry.nbytes)
+    finally:
+        os.close(fd)
+    if done < entry.nbytes:
+        raise CheckpointError(f"{path} ended inside {entry.name!r}; the file is truncated")
+    return target
+
+
+def _read_fully(fd: int, target: np.ndarray, offset: int, *, stop: int) -> int:
+    """``preadv`` into ``target`` from ``offset`` until ``stop`` bytes or the file's end."""
+    view = memoryview(target).cast("B")
+    done = 0
+    while done < stop:
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if not count:
+            break
+        done += count
+    return done
 
 
 def cut_bytes(raw: np.ndarray, entry: TensorEntry, kept: Mapping[int, np.ndarray]) -> np.ndarray:

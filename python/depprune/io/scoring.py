@@ -28,11 +28,13 @@ from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from depprune.graph import Group
 from depprune.importance.context import Importance, ScoreContext, Transform, _all_dim_sums
 from depprune.io.checkpoint import Checkpoint
+from depprune.io.safetensors_files import buffer_for
 
 __all__ = ["streamed"]
 
@@ -63,22 +65,42 @@ class _StreamedContext(ScoreContext):
         return cached[dim]
 
     def _read(self, name: str) -> torch.Tensor:
-        """Tensor ``name``, and the next one in ``order`` read in the background meanwhile."""
+        """Tensor ``name``, and the next one in ``order`` read in the background meanwhile.
+
+        Two buffers take turns (this tensor's, the next one's), so reading
+        allocates nothing; the caller is done with a tensor when it asks for
+        the next.
+        """
         assert self.checkpoint is not None
-        future = self._ahead.pop(name, None)
-        values = future.result() if future is not None else self.checkpoint.read(name)
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1)
             self._position = {n: i for i, n in enumerate(self.order)}
             self._asked: set[str] = set()
+            self._buffers = [buffer_for(self.checkpoint.largest) for _ in range(2)]
+            self._turn = 0
+        future = self._ahead.pop(name, None)
+        if future is None:
+            # Not the one read ahead: that read's buffer is the next one, so let it finish.
+            for pending in self._ahead.values():
+                pending.exception()
+            self._ahead.clear()
+            values = self.checkpoint.read(name, self._next_buffer())
+        else:
+            values = future.result()
         self._asked.add(name)
         position = self._position.get(name)
         # One ahead: the disk reads the next tensor while this one is reduced.
         for upcoming in self.order[position + 1 :] if position is not None else ():
-            if upcoming not in self._asked and upcoming not in self._ahead:
-                self._ahead[upcoming] = self._reader.submit(self.checkpoint.read, upcoming)
+            if upcoming not in self._asked:
+                self._ahead[upcoming] = self._reader.submit(
+                    self.checkpoint.read, upcoming, self._next_buffer()
+                )
                 break
         return values
+
+    def _next_buffer(self) -> np.ndarray:
+        self._turn ^= 1
+        return self._buffers[self._turn]
 
 
 def streamed(importance: Importance, checkpoint: Checkpoint) -> Importance:

@@ -47,6 +47,7 @@ from depprune.io.checkpoint import INDEX_NAME, Checkpoint
 from depprune.io.safetensors_files import (
     DTYPE_BYTES,
     TensorEntry,
+    buffer_for,
     copy_range,
     cut_bytes,
     write_all,
@@ -352,12 +353,16 @@ def _write_shards(
     )
     # One read ahead of the cut being made: the disk keeps busy while the CPU cuts.
     with ThreadPoolExecutor(max_workers=1) as reader, bar:
+        # Two read buffers take turns: the one being cut and the one being filled.
+        largest = max((s.nbytes for _, s in order if s.name in cuts), default=0)
+        buffers = [buffer_for(largest) for _ in range(2 if largest else 0)]
 
         def read_next() -> Future | None:
             step = next(upcoming, None)
             if step is None:
                 return None
-            return reader.submit(checkpoint.read_raw, step[1].name)
+            buffers.reverse()
+            return reader.submit(checkpoint.read_raw, step[1].name, buffers[0])
 
         pending = read_next()
         for file, pairs in layout.items():
