@@ -304,3 +304,31 @@ def test_direct_reads_give_the_buffered_bytes(tmp_path):
         expected = buffered.read_raw(name).tobytes()
         assert direct.read_raw(name).tobytes() == expected, name
         assert direct.read_raw(name, reused).tobytes() == expected, name  # a reused buffer
+
+
+def test_a_scaled_embedding_streams_exactly(tmp_path):
+    # Gemma multiplies embeddings by sqrt(hidden_size): cutting the hidden size moves the old
+    # scale into the weights (and into the final norm the tied head reads), on disk too.
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=50,
+    )
+    transformers.GemmaForCausalLM(config).eval().save_pretrained(tmp_path / "src")
+    plan = plan_checkpoint(tmp_path / "src", ratio=0.5, kinds=KINDS, progress=False)
+    apply_to_checkpoint(tmp_path / "src", plan, tmp_path / "out", progress=False)
+    model = transformers.GemmaForCausalLM.from_pretrained(tmp_path / "src").eval()
+    plan.apply(model)
+    model.save_pretrained(tmp_path / "memory")
+    streamed, memory = tensors_of(tmp_path / "out"), tensors_of(tmp_path / "memory")
+    assert streamed.keys() == memory.keys()
+    for name, tensor in streamed.items():
+        assert torch.equal(bits(tensor), bits(memory[name])), name
+    reloaded = transformers.GemmaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)

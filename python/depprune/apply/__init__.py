@@ -21,7 +21,7 @@ is exactly as it was; tied parameters stay tied.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,29 @@ __all__ = [
     "apply_kept_indices",
     "masked_tensors",
     "named_tensors",
+    "value_folds",
 ]
+
+
+def value_folds(
+    model: nn.Module, kept: Kept, widths: Mapping[int, Iterable[int]] | None = None
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The value changes the cut makes beyond removing indices, by tensor name.
+
+    A cut tensor's new values are ``fold(cut)`` (in place, in its dtype): a
+    Gemma-style embedding scale moved into the weights when the hidden size
+    shrinks. What a cut made elsewhere (a checkpoint on disk) must apply to
+    equal :func:`apply_kept_indices`; ``model`` is not changed.
+
+    >>> import numpy as np, torch
+    >>> value_folds(torch.nn.Linear(3, 4), {("weight", 0): np.array([1])})
+    {}
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        cuts, changed = _plan_cuts(model, kept)
+        view = _View(model, cuts, changed, widths)
+        _attribute_changes(model, view)
+    return dict(view.folds)
 
 
 def apply_kept_indices(

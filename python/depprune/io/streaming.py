@@ -33,15 +33,18 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from depprune.apply import value_folds
 from depprune.errors import CheckpointError, DeppruneError, PlanMismatchError
 from depprune.io.checkpoint import INDEX_NAME, Checkpoint
 from depprune.io.safetensors_files import (
@@ -50,6 +53,7 @@ from depprune.io.safetensors_files import (
     buffer_for,
     copy_range,
     cut_bytes,
+    torch_dtype,
     write_all,
     write_header,
 )
@@ -145,6 +149,7 @@ def apply_to_checkpoint(
     else:
         model = meta_shadow(model)  # the caller's model stays as it is
     cuts, unmatched = _match_tensors(checkpoint, model, plan)
+    folds = _stored_folds(model, plan, check_architecture(checkpoint, model))
     config_before = _config_dict(model)
     try:
         plan.apply(model, verify=verify)
@@ -163,7 +168,7 @@ def apply_to_checkpoint(
     try:
         temporary.mkdir(parents=True)
         read, written = _write_shards(
-            checkpoint, cuts, layout, temporary, progress=progress, callback=callback
+            checkpoint, cuts, folds, layout, temporary, progress=progress, callback=callback
         )
         if checkpoint.index is not None:
             _write_index(checkpoint.index, layout, temporary)
@@ -267,6 +272,24 @@ def _match_tensors(
     return cuts, unmatched
 
 
+def _stored_folds(
+    model: nn.Module, plan: Plan, where: Mapping[str, str]
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The cut's value changes (a scaled embedding's old scale), by stored tensor name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plan.apply on the skeleton warns once, next
+        folds = value_folds(model, plan.kept, plan.widths)
+    stored = {}
+    for name, fold in folds.items():
+        if name not in where:
+            raise CheckpointError(
+                f"the cut rescales {name!r}, which the checkpoint does not store; prune in "
+                "memory (from_pretrained, plan.apply, save_pretrained)"
+            )
+        stored[where[name]] = fold
+    return stored
+
+
 def check_architecture(checkpoint: Checkpoint, model: nn.Module) -> dict[str, str]:
     """Each model tensor name -> the checkpoint name storing it; shapes must agree.
 
@@ -332,6 +355,7 @@ def _layout(
 def _write_shards(
     checkpoint: Checkpoint,
     cuts: Mapping[str, Mapping[int, np.ndarray]],
+    folds: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     layout: Mapping[str, list[tuple[TensorEntry, TensorEntry]]],
     folder: Path,
     *,
@@ -342,7 +366,8 @@ def _write_shards(
     total = checkpoint.nbytes
     count = sum(len(pairs) for pairs in layout.values())
     order = [(file, source) for file, pairs in layout.items() for source, _ in pairs]
-    upcoming = iter([(f, s) for f, s in order if s.name in cuts])
+    rewritten = set(cuts) | set(folds)
+    upcoming = iter([(f, s) for f, s in order if s.name in rewritten])
     done_bytes = done_tensors = written = 0
     bar = tqdm(
         total=total,
@@ -354,7 +379,7 @@ def _write_shards(
     # One read ahead of the cut being made: the disk keeps busy while the CPU cuts.
     with ThreadPoolExecutor(max_workers=1) as reader, bar:
         # Two read buffers take turns: the one being cut and the one being filled.
-        largest = max((s.nbytes for _, s in order if s.name in cuts), default=0)
+        largest = max((s.nbytes for _, s in order if s.name in rewritten), default=0)
         buffers = [buffer_for(largest) for _ in range(2 if largest else 0)]
 
         def read_next() -> Future | None:
@@ -373,12 +398,15 @@ def _write_shards(
             ):
                 write_header(out, [new for _, new in pairs], header.metadata)
                 for source, new in pairs:
-                    if source.name in cuts:
+                    if source.name in rewritten:
                         assert pending is not None
                         raw = pending.result()
                         pending = read_next()
-                        write_all(out, cut_bytes(raw, source, cuts[source.name]))
-                        del raw
+                        data = cut_bytes(raw, source, cuts.get(source.name, {}))
+                        if source.name in folds:
+                            _fold(data, new, folds[source.name])
+                        write_all(out, data)
+                        del raw, data
                     else:
                         copy_range(
                             source_file, out, header.data_start + source.begin, source.nbytes
@@ -391,6 +419,14 @@ def _write_shards(
                         callback(done_bytes, total, done_tensors, count)
                 os.fsync(out.fileno())
     return done_bytes, written
+
+
+def _fold(data: np.ndarray, entry: TensorEntry, fold: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply ``fold`` in place to the cut bytes ``data``, in the tensor's own dtype."""
+    dtype = torch_dtype(entry.dtype)
+    if dtype is None or not dtype.is_floating_point:
+        raise CheckpointError(f"the cut rescales {entry.name!r}, stored as {entry.dtype}")
+    fold(torch.from_numpy(data).view(dtype).view(entry.shape))
 
 
 def _write_index(
