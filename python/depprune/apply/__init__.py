@@ -53,29 +53,38 @@ __all__ = [
     "apply_kept_indices",
     "masked_tensors",
     "named_tensors",
-    "value_folds",
+    "value_changes",
 ]
 
 
-def value_folds(
+def value_changes(
     model: nn.Module, kept: Kept, widths: Mapping[int, Iterable[int]] | None = None
-) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The value changes the cut makes beyond removing indices, by tensor name.
+) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], list[str]]:
+    """The value changes the cut makes beyond removing indices; ``model`` is not changed.
 
-    A cut tensor's new values are ``fold(cut)`` (in place, in its dtype): a
-    Gemma-style embedding scale moved into the weights when the hidden size
-    shrinks. What a cut made elsewhere (a checkpoint on disk) must apply to
-    equal :func:`apply_kept_indices`; ``model`` is not changed.
+    Gives the folds by tensor name (a cut tensor's new values are
+    ``fold(cut)``, in place, in its dtype: a Gemma-style embedding scale
+    moved into the weights when the hidden size shrinks) and the names of
+    tensors the fixers replace with new values (a scale buffer). What a cut
+    made elsewhere (a checkpoint on disk) must reproduce to equal
+    :func:`apply_kept_indices`.
 
     >>> import numpy as np, torch
-    >>> value_folds(torch.nn.Linear(3, 4), {("weight", 0): np.array([1])})
-    {}
+    >>> value_changes(torch.nn.Linear(3, 4), {("weight", 0): np.array([1])})
+    ({}, [])
     """
     with torch.inference_mode(False), torch.no_grad():
         cuts, changed = _plan_cuts(model, kept)
         view = _View(model, cuts, changed, widths)
-        _attribute_changes(model, view)
-    return dict(view.folds)
+        changes = _attribute_changes(model, view)
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    replaced = [
+        f"{names[id(module)]}.{attr}" if names[id(module)] else attr
+        for module, attrs in changes
+        for attr, value in attrs.items()
+        if isinstance(value, torch.Tensor)
+    ]
+    return dict(view.folds), replaced
 
 
 def apply_kept_indices(

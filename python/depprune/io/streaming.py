@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from depprune.apply import value_folds
+from depprune.apply import value_changes
 from depprune.errors import CheckpointError, DeppruneError, PlanMismatchError
 from depprune.io.checkpoint import INDEX_NAME, Checkpoint
 from depprune.io.safetensors_files import (
@@ -278,7 +278,14 @@ def _stored_folds(
     """The cut's value changes (a scaled embedding's old scale), by stored tensor name."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # plan.apply on the skeleton warns once, next
-        folds = value_folds(model, plan.kept, plan.widths)
+        folds, replaced = value_changes(model, plan.kept, plan.widths)
+    # A tensor the cut gives new values (not a cut of the old ones) cannot come from the files.
+    stored_replaced = [name for name in replaced if name in where]
+    if stored_replaced:
+        raise CheckpointError(
+            f"the cut gives {stored_replaced[0]!r} new values, which a streamed cut cannot "
+            "compute; prune in memory (from_pretrained, plan.apply, save_pretrained)"
+        )
     stored = {}
     for name, fold in folds.items():
         if name not in where:
