@@ -332,3 +332,25 @@ def test_a_scaled_embedding_streams_exactly(tmp_path):
     reloaded = transformers.GemmaForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
+
+
+def test_a_checkpoint_transformers_renames_on_load_is_refused(tmp_path):
+    # transformers 5 stores Mixtral's experts one by one and fuses them when it loads them.
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        num_local_experts=4,
+    )
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "src")
+    with pytest.raises(CheckpointError, match=r"under other names.*in memory"):
+        plan_checkpoint(tmp_path / "src", ratio=0.5, progress=False)
+    loaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "src").eval()
+    plan = depprune.make_plan(loaded, {"input_ids": TOKENS}, ratio=0.5, kinds=("hidden",))
+    with pytest.raises(CheckpointError, match="does not store"):
+        apply_to_checkpoint(tmp_path / "src", plan, tmp_path / "out", progress=False)
+    assert nothing_written(tmp_path)

@@ -76,6 +76,22 @@ def _importance(
     )
 
 
+def _check_complete(checkpoint: Checkpoint, model: torch.nn.Module, where: dict) -> None:
+    """Every parameter must be stored under its own name (or a tied one's), to be scored."""
+    missing = [name for name, _ in model.named_parameters() if name not in where]
+    if missing:
+        stored = set(where.values())
+        others = [name for name in checkpoint.names if name not in stored]
+        raise CheckpointError(
+            f"the checkpoint stores {len(missing)} of {type(model).__name__}'s parameters "
+            f"under other names ({', '.join(missing[:2])} missing"
+            + (f"; it has {', '.join(others[:2])}" if others else "")
+            + "): transformers renames them on load (per-expert MoE weights are fused in "
+            "transformers 5). Plan such a model in memory: from_pretrained, then "
+            "depprune.make_plan / prune and save_pretrained"
+        )
+
+
 def plan_checkpoint(
     src_dir: str | os.PathLike,
     *,
@@ -111,7 +127,7 @@ def plan_checkpoint(
         model = load_skeleton(src_dir)
     elif example_inputs is None:
         raise CheckpointError("plan_checkpoint(model=...) needs example_inputs to trace it")
-    check_architecture(checkpoint, model)
+    _check_complete(checkpoint, model, check_architecture(checkpoint, model))
     if example_inputs is None:
         example_inputs = {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta")}
     score = _importance(importance, checkpoint, src_dir, calibration, progress)
