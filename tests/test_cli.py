@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import depprune
 from depprune.apply import apply_kept_indices
 from depprune.cli import group_rows, layer_rows, macs_per_unit, main
-from depprune.cli_models import ModelSpecError, parse_shape, resolve_model
+from depprune.cli.models import ModelSpecError, parse_shape, resolve_model
 
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
@@ -351,7 +351,7 @@ def test_plan_on_a_callable_is_make_plan_with_the_same_inputs(tmp_path, capsys):
 def test_the_progress_bar_follows_the_io_callback():
     from rich.console import Console
 
-    from depprune.cli import _Transfer
+    from depprune.cli.progress import _Transfer
 
     console = Console(file=StringIO(), force_terminal=True, width=100)
     with _Transfer(console, "writing", enabled=True) as progress:
