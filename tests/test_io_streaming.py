@@ -354,3 +354,41 @@ def test_a_checkpoint_transformers_renames_on_load_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="does not store"):
         apply_to_checkpoint(tmp_path / "src", plan, tmp_path / "out", progress=False)
     assert nothing_written(tmp_path)
+
+
+def test_legacy_tensor_names_are_renamed_as_transformers_does(tmp_path):
+    # transformers 5 saves ViT under its legacy names (encoder.layer.0.attention.attention.key)
+    # and renames them on load (layers.0.attention.k_proj): planning and the cut follow it.
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=16,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    transformers.ViTForImageClassification(config).eval().save_pretrained(tmp_path / "src")
+    stored = Checkpoint(tmp_path / "src").names
+    skeleton = load_skeleton(tmp_path / "src")
+    assert not set(stored) <= set(skeleton.state_dict())  # the names do differ
+    plan = plan_checkpoint(tmp_path / "src", ratio=0.5, progress=False)
+    apply_to_checkpoint(tmp_path / "src", plan, tmp_path / "out", progress=False)
+    model = transformers.ViTForImageClassification.from_pretrained(tmp_path / "src").eval()
+    in_memory = depprune.make_plan(
+        model, {"pixel_values": torch.zeros(1, 3, 16, 16)}, ratio=0.5, importance=magnitude(2)
+    )
+    assert plan.kept.keys() == in_memory.kept.keys()
+    for key, kept in plan.kept.items():
+        np.testing.assert_array_equal(kept, in_memory.kept[key])
+    plan.apply(model)
+    model.save_pretrained(tmp_path / "memory")
+    streamed, memory = tensors_of(tmp_path / "out"), tensors_of(tmp_path / "memory")
+    assert streamed.keys() == memory.keys() == set(stored)
+    for name, tensor in streamed.items():
+        assert torch.equal(bits(tensor), bits(memory[name])), name
+    reloaded = transformers.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels).logits, model(pixels).logits)

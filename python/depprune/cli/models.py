@@ -214,25 +214,15 @@ def _looks_like_path(spec: str) -> bool:
 def _checkpoint(
     spec: str, path: Path, input_shape: Sequence[int] | None, seq_len: int
 ) -> ResolvedModel:
-    from depprune.io import load_skeleton
+    from depprune.errors import CheckpointError
+    from depprune.io.skeleton import example_inputs_for, load_skeleton
 
     model = load_skeleton(path).eval()
-    input_name = getattr(model, "main_input_name", "input_ids")
-    device = _device_of(model)
-    if input_name == "input_ids":
-        shape = tuple(input_shape) if input_shape else (1, seq_len)
-        inputs = torch.zeros(shape, dtype=torch.long, device=device)
-    elif input_shape or input_name == "pixel_values":
-        config = getattr(model, "config", None)
-        size = getattr(config, "image_size", DEFAULT_IMAGE_SHAPE[-1])
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        shape = tuple(input_shape or (1, getattr(config, "num_channels", 3), *size))
-        inputs = torch.zeros(shape, dtype=_float_dtype(model), device=device)
-    else:
-        raise ModelSpecError(
-            f"{type(model).__name__} takes {input_name!r}; pass its shape with --input-shape"
-        )
-    return ResolvedModel(model, {input_name: inputs}, "checkpoint", spec, path)
+    try:
+        inputs = example_inputs_for(model, seq_len=seq_len, input_shape=input_shape)
+    except CheckpointError as exc:
+        raise ModelSpecError(str(exc)) from exc
+    return ResolvedModel(model, inputs, "checkpoint", spec, path)
 
 
 def _imported_callable(spec: str) -> Callable[[], Any]:

@@ -41,7 +41,7 @@ from depprune.importance.activations import input_square_sums, wanda_from_sums
 from depprune.importance.context import Importance, _quiet
 from depprune.io.checkpoint import Checkpoint
 from depprune.io.scoring import streamed
-from depprune.io.skeleton import _model_class, load_config, real_buffers, stored_names
+from depprune.io.skeleton import _model_class, load_config, real_buffers, stored_as
 from depprune.tracer import split_inputs
 
 __all__ = ["blocks_of", "layerwise_wanda"]
@@ -79,7 +79,7 @@ class _Resident:
 
     def __init__(self, model: nn.Module, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
-        self.aliases = stored_names(model)
+        self.stored = stored_as(model, checkpoint.names)
         self.prefix_of = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.loaded: dict[int, torch.Tensor] = {}
 
@@ -91,9 +91,7 @@ class _Resident:
                 if param is None or id(param) in skipped or not param.is_meta:
                     continue
                 full = f"{name}.{attr}" if name else attr
-                stored = next(
-                    (a for a in self.aliases.get(full, ()) if a in self.checkpoint.file_of), None
-                )
+                stored = self.stored.get(full)
                 if stored is None:
                     raise ImportanceError(
                         f"the checkpoint does not store {full!r}, which the layer-by-layer "
@@ -197,7 +195,7 @@ def layerwise_wanda(
             resident.drop(block)
         # 3. The rest of the model on the final hidden states; blocks return them.
         _run_tail(model, blocks, batches, outputs, takes_cache)
-    return streamed(wanda_from_sums(sums, input_dims), checkpoint)
+    return streamed(wanda_from_sums(sums, input_dims), checkpoint, resident.stored)
 
 
 def _run_tail(

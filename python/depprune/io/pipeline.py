@@ -30,7 +30,7 @@ from depprune.errors import CheckpointError, ImportanceError
 from depprune.importance import Importance, magnitude, random
 from depprune.io.checkpoint import Checkpoint
 from depprune.io.scoring import streamed
-from depprune.io.skeleton import load_skeleton
+from depprune.io.skeleton import example_inputs_for, load_skeleton
 from depprune.io.streaming import (
     CheckpointReport,
     ProgressCallback,
@@ -52,13 +52,14 @@ def _importance(
     folder: str | os.PathLike,
     calibration: Iterable[Any] | None,
     progress: bool | None,
+    names: dict[str, str],
 ) -> Importance:
     if callable(name):
-        return streamed(name, checkpoint)
+        return streamed(name, checkpoint, names)
     if name == "l2":
-        return streamed(magnitude(2), checkpoint)
+        return streamed(magnitude(2), checkpoint, names)
     if name == "l1":
-        return streamed(magnitude(1), checkpoint)
+        return streamed(magnitude(1), checkpoint, names)
     if name == "random":
         return random(0)
     if name == "wanda":
@@ -111,8 +112,9 @@ def plan_checkpoint(
     the tensors), ``"random"``, ``"wanda"`` (needs ``calibration``: token-id
     tensors or input dicts; run layer by layer) or a criterion of
     :mod:`depprune.importance` (its tensors are read from the files).
-    ``example_inputs`` default to ``input_ids`` of shape ``(1, seq_len)`` on
-    the meta device. Other ``options`` go to :func:`depprune.make_plan`
+    ``example_inputs`` default to the model's main input on the meta device
+    (:func:`depprune.io.skeleton.example_inputs_for`: ``input_ids`` of shape
+    ``(1, seq_len)``, or ``pixel_values`` of the config's image size). Other ``options`` go to :func:`depprune.make_plan`
     (``round_to``, ``global_ranking``, ``ratios``, ``uniform``, ...).
 
     A checkpoint without ``config.json`` (any model saved with
@@ -127,10 +129,11 @@ def plan_checkpoint(
         model = load_skeleton(src_dir)
     elif example_inputs is None:
         raise CheckpointError("plan_checkpoint(model=...) needs example_inputs to trace it")
-    _check_complete(checkpoint, model, check_architecture(checkpoint, model))
+    where = check_architecture(checkpoint, model)
+    _check_complete(checkpoint, model, where)
     if example_inputs is None:
-        example_inputs = {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta")}
-    score = _importance(importance, checkpoint, src_dir, calibration, progress)
+        example_inputs = example_inputs_for(model, seq_len=seq_len)
+    score = _importance(importance, checkpoint, src_dir, calibration, progress, where)
     plan = make_plan(
         model,
         example_inputs,

@@ -24,7 +24,7 @@ torch.Size([3])
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,21 +103,26 @@ class _StreamedContext(ScoreContext):
         return self._buffers[self._turn]
 
 
-def streamed(importance: Importance, checkpoint: Checkpoint) -> Importance:
+def streamed(
+    importance: Importance, checkpoint: Checkpoint, names: Mapping[str, str] | None = None
+) -> Importance:
     """``importance`` with every tensor it sums read from ``checkpoint`` instead of the model.
 
     Give the result to :func:`depprune.make_plan` as ``importance=`` with a
     model whose tensor names are the checkpoint's (typically its meta-device
-    skeleton, :func:`depprune.io.load_skeleton`).
+    skeleton, :func:`depprune.io.load_skeleton`); ``names`` maps the model's
+    tensor names to the checkpoint's where they differ
+    (:func:`depprune.io.skeleton.stored_as`); by default they are the same.
     """
     state: dict[str, object] = {}
 
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         if state.get("ctx") is not ctx:
+            where = names if names is not None else {n: n for n in checkpoint.file_of}
             stored = {}
             for name, tensor in ctx.tensors.items():
-                if name in checkpoint.file_of:
-                    stored.setdefault(id(tensor), name)
+                if name in where:
+                    stored.setdefault(id(tensor), where[name])
             order: dict[str, None] = {}
             for each in ctx.graph.groups:
                 for name, _ in each.members:

@@ -3,8 +3,8 @@
 :func:`load_skeleton` builds the Hugging Face model class the config names
 with every parameter on the meta device (shapes and dtypes, no storage), so
 a 70B checkpoint's architecture costs no memory; tracing, planning and the
-plan's proof all run on it. :func:`stored_names` gives the names a checkpoint may store each tensor
-under (a tied tensor is stored once).
+plan's proof all run on it. :func:`stored_as` maps the model's tensor names to the checkpoint's (a tied
+tensor is stored once; transformers' legacy names are renamed).
 
 >>> import tempfile, transformers
 >>> folder = tempfile.mkdtemp()
@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +28,14 @@ from torch import nn
 
 from depprune.errors import CheckpointError
 
-__all__ = ["load_config", "load_skeleton", "real_buffers", "stored_names"]
+__all__ = [
+    "example_inputs_for",
+    "load_config",
+    "load_skeleton",
+    "real_buffers",
+    "stored_as",
+    "stored_names",
+]
 
 
 def load_config(folder: str | os.PathLike):
@@ -98,6 +105,41 @@ def load_skeleton(folder: str | os.PathLike, *, dtype: torch.dtype | None = None
     return model.eval()
 
 
+def example_inputs_for(
+    model: nn.Module, *, seq_len: int = 8, input_shape: tuple[int, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """Inputs to trace a Hugging Face model with: zeros on its device, by its main input.
+
+    ``input_ids`` of shape ``(1, seq_len)`` for text models, ``pixel_values``
+    of the config's image size for vision models; ``input_shape`` overrides
+    the shape. Another main input raises :class:`CheckpointError`.
+
+    >>> import transformers
+    >>> with torch.device("meta"):
+    ...     vit = transformers.ViTModel(transformers.ViTConfig(image_size=32, hidden_size=16,
+    ...         num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    >>> {k: tuple(v.shape) for k, v in example_inputs_for(vit).items()}
+    {'pixel_values': (1, 3, 32, 32)}
+    """
+    name = getattr(model, "main_input_name", "input_ids")
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    if name == "input_ids":
+        shape = tuple(input_shape) if input_shape else (1, seq_len)
+        return {name: torch.zeros(shape, dtype=torch.long, device=device)}
+    if input_shape or name == "pixel_values":
+        config = getattr(model, "config", None)
+        size = getattr(config, "image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        shape = tuple(input_shape or (1, getattr(config, "num_channels", 3), *size))
+        floating = (p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+        return {name: torch.zeros(shape, dtype=next(floating, torch.float32), device=device)}
+    raise CheckpointError(
+        f"{type(model).__name__} takes {name!r}, whose shape depprune cannot guess; pass "
+        "example_inputs= (on the command line, --input-shape)"
+    )
+
+
 @contextlib.contextmanager
 def real_buffers() -> Iterator[None]:
     """Build modules with parameters on meta but buffers real (what the constructor computes).
@@ -145,3 +187,60 @@ def stored_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
     for name, tensor in state.items():
         by_tensor.setdefault(id(tensor), []).append(name)
     return {name: tuple(by_tensor[id(tensor)]) for name, tensor in state.items()}
+
+
+def stored_as(model: nn.Module, checkpoint_names: Iterable[str]) -> dict[str, str]:
+    """Each model tensor name -> the checkpoint name that stores it, where one does.
+
+    The same name, a tied copy's (:func:`stored_names`), or the legacy name
+    transformers renames on load and back on save (ViT's
+    ``encoder.layer.0.attention.attention.key`` is ``layers.0.attention.k_proj``
+    in transformers 5): its renaming rules are applied to the checkpoint's
+    names. Tensors transformers *converts* (per-expert MoE weights fused into
+    one) have no entry.
+
+    >>> stored_as(torch.nn.Linear(2, 2), ["weight"])
+    {'weight': 'weight'}
+    """
+    checkpoint_names = list(checkpoint_names)
+    as_model = dict(zip(checkpoint_names, _renamed(model, checkpoint_names), strict=True))
+    by_model: dict[str, str] = {}
+    for stored, name in as_model.items():
+        if name is not None:
+            by_model.setdefault(name, stored)
+    where = {}
+    for name, names in stored_names(model).items():
+        found = next((by_model[alias] for alias in names if alias in by_model), None)
+        if found is not None:
+            where[name] = found
+    return where
+
+
+def _renamed(model: nn.Module, checkpoint_names: list[str]) -> list[str | None]:
+    """The model name of each checkpoint name by transformers' load-time renaming rules;
+    None where a conversion (not a rename) would make the tensor."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        return list(checkpoint_names)  # older transformers: checkpoints use the model's names
+    if not hasattr(model, "config") or not hasattr(model, "base_model_prefix"):
+        return list(checkpoint_names)
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:
+        return list(checkpoint_names)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    state = model.state_dict(keep_vars=True)
+    renamed: list[str | None] = []
+    for name in checkpoint_names:
+        new, converted = rename_source_key(
+            name,
+            renamings,
+            converters,
+            base_model_prefix=model.base_model_prefix,
+            meta_state_dict=state,
+        )
+        renamed.append(None if converted is not None else new)
+    return renamed

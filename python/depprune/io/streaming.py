@@ -57,7 +57,7 @@ from depprune.io.safetensors_files import (
     write_all,
     write_header,
 )
-from depprune.io.skeleton import load_skeleton, stored_names
+from depprune.io.skeleton import load_skeleton, stored_as
 from depprune.plan import Plan
 from depprune.shadow import meta_shadow
 
@@ -218,7 +218,6 @@ def _match_tensors(
 
     Every check that can fail runs here, before anything is written.
     """
-    aliases = stored_names(model)
     state = model.state_dict(keep_vars=True)
     where = check_architecture(checkpoint, model)
 
@@ -256,7 +255,7 @@ def _match_tensors(
                 f"{name!r} is stored as {checkpoint.entry(name).dtype}, whose elements are "
                 "not whole bytes, so it cannot be cut on disk; dequantize the checkpoint first"
             )
-    known = {a for names in aliases.values() for a in names}
+    known = set(where.values())
     unmatched = [name for name in checkpoint.names if name not in known]
     changed = set(plan.widths) | {plan.shapes[n][d] for n, d in plan.kept}
     for name in unmatched:
@@ -303,12 +302,7 @@ def check_architecture(checkpoint: Checkpoint, model: nn.Module) -> dict[str, st
     Raises :class:`CheckpointError` on the first stored tensor whose shape is
     not the architecture's (a config that is not the checkpoint's own).
     """
-    where = {}
-    for name, names in stored_names(model).items():
-        found = next((a for a in names if a in checkpoint.file_of), None)
-        if found is None:
-            continue
-        where[name] = found
+    where = stored_as(model, checkpoint.names)
     state = model.state_dict(keep_vars=True)
     for name, found in where.items():
         if checkpoint.shape(found) != tuple(state[name].shape):
@@ -473,10 +467,12 @@ def _check_rebuilds(
     """The new config must build the architecture whose shapes were written."""
     written = {new.name: new.shape for pairs in layout.values() for _, new in pairs}
     rebuilt = load_skeleton(folder)
+    stored = stored_as(rebuilt, written)
     expected = {n: tuple(t.shape) for n, t in cut_model.state_dict(keep_vars=True).items()}
     for name, tensor in rebuilt.state_dict(keep_vars=True).items():
         shape = tuple(tensor.shape)
-        for where, other in (("written", written.get(name)), ("cut", expected.get(name))):
+        on_disk = written.get(stored[name]) if name in stored else None
+        for where, other in (("written", on_disk), ("cut", expected.get(name))):
             if other is not None and other != shape:
                 raise CheckpointError(
                     f"the pruned config.json builds {name!r} with shape {list(shape)}, but the "
