@@ -12,6 +12,7 @@ generated files are deleted at the end.
 
     python benches/bench_checkpoint.py                 # 13B shape, ~26 GB on disk
     python benches/bench_checkpoint.py --layers 4      # a quick run
+    python benches/bench_checkpoint.py --wanda         # also plan with Wanda, layer by layer
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -128,20 +128,47 @@ def read_bandwidth(folder: Path) -> float:
     return total / (time.perf_counter() - started)
 
 
-def run_cli(src: Path, out: Path) -> tuple[float, int, str]:
-    """``depprune prune`` in a child process: (seconds, peak RSS bytes, its output)."""
-    command = [sys.executable, "-m", "depprune.cli", "prune", str(src), "-o", str(out)]
-    command += ["--ratio", "0.5", "--kinds", "heads,neurons,hidden", "--overwrite"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Runs the command line in a child and reports that child's own peak RSS on its last line.
+_CHILD = (
+    "import resource, sys\n"
+    "from depprune.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run_cli(*argv: str) -> tuple[float, int, str]:
+    """``depprune ARGV`` in a child process: (seconds, its peak RSS in bytes, its output)."""
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if result.returncode != 0:
-        raise SystemExit(f"depprune prune failed ({result.returncode}):\n{result.stderr}")
-    if peak <= before:
-        print("note: the child's peak RSS is not above an earlier child's; it is a bound")
-    return seconds, peak * 1024, result.stdout
+        raise SystemExit(f"depprune {argv[0]} failed ({result.returncode}):\n{result.stderr}")
+    peak_kib = int(result.stderr.strip().splitlines()[-1])
+    return seconds, peak_kib * 1024, result.stdout
+
+
+def run_wanda(src: Path, root: Path) -> tuple[float, int]:
+    """``depprune plan --importance wanda`` on 2 x 32 random tokens: (seconds, peak RSS)."""
+    tokens = np.random.default_rng(0).integers(0, SHAPE_13B["vocab_size"], size=(2, 32))
+    np.save(root / "calibration.npy", tokens)
+    drop_cache(src)
+    seconds, peak, _ = run_cli(
+        "plan",
+        str(src),
+        "--ratio",
+        "0.5",
+        "--kinds",
+        "heads,neurons",
+        "--importance",
+        "wanda",
+        "--calibration",
+        str(root / "calibration.npy"),
+        "-o",
+        str(root / "wanda.npz"),
+    )
+    return seconds, peak
 
 
 def check_shapes(out: Path) -> int:
@@ -191,6 +218,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=SHAPE_13B["num_hidden_layers"])
     parser.add_argument("--shard-gb", type=float, default=5.0)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument(
+        "--wanda", action="store_true", help="also plan with Wanda, one decoder layer resident"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="depprune-bench-", dir=args.dir))
     try:
@@ -200,7 +230,9 @@ def main() -> None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         read_rate = read_bandwidth(src)
         drop_cache(src)
-        seconds, peak, output = run_cli(src, out)
+        seconds, peak, output = run_cli(
+            "prune", str(src), "-o", str(out), "--ratio", "0.5", "--kinds", "heads,neurons,hidden"
+        )
         written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         tensors = check_shapes(out)
         drop_cache(out)
@@ -225,6 +257,12 @@ def main() -> None:
             ("written", f"{written / 1e9:.1f} GB, {tensors} tensors, shapes checked"),
             ("small model, streamed vs in memory", f"max |logit diff| {difference:.1e}"),
         ]
+        if args.wanda:
+            wanda_seconds, wanda_peak = run_wanda(src, root)
+            rows += [
+                ("plan with Wanda (2 x 32 tokens), wall", f"{wanda_seconds:.1f} s"),
+                ("  peak RSS (one decoder layer resident)", f"{wanda_peak / 2**30:.2f} GiB"),
+            ]
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             print(f"{key:<{width}}  {value}")
