@@ -93,3 +93,10 @@ def test_blocks_that_are_not_a_chain_are_refused():
     with pytest.raises(ImportanceError, match="previous block's output"):
         _run_tail(model, model.blocks, [((x,), {})], [model.blocks[1](model.blocks[0](x))], False)
     assert "forward" not in vars(model.blocks[0])  # the blocks are restored
+
+
+def test_batches_the_model_cannot_take_are_an_importance_error(checkpoint_dir):
+    with pytest.raises(ImportanceError, match="layer-by-layer Wanda forward failed"):
+        layerwise_wanda(
+            checkpoint_dir, Checkpoint(checkpoint_dir), [torch.ones(1, 3)], progress=False
+        )

@@ -392,3 +392,18 @@ def test_legacy_tensor_names_are_renamed_as_transformers_does(tmp_path):
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(reloaded(pixels).logits, model(pixels).logits)
+
+
+def test_a_failed_write_is_a_checkpoint_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from depprune.io import streaming
+
+    src = save(tiny_llama(False, layers=1), tmp_path / "src", sharded=False)
+    plan = plan_checkpoint(src, ratio=0.5, kinds=("neurons",), progress=False)
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming, "write_all", disk_full)
+    with pytest.raises(CheckpointError, match=r"No space left on device.*nothing was written"):
+        apply_to_checkpoint(src, plan, tmp_path / "out", progress=False)
+    assert nothing_written(tmp_path)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from depprune.errors import ImportanceError
+from depprune.errors import DeppruneError, ImportanceError
 from depprune.importance.activations import input_square_sums, wanda_from_sums
 from depprune.importance.context import Importance, _quiet
 from depprune.io.checkpoint import Checkpoint
@@ -150,6 +150,24 @@ def layerwise_wanda(
     reads the weights from ``checkpoint`` when it scores
     (:func:`depprune.io.streamed`).
     """
+    try:
+        return _layerwise_wanda(folder, checkpoint, calibration, progress)
+    except DeppruneError:
+        raise
+    except Exception as exc:
+        raise ImportanceError(
+            f"the layer-by-layer Wanda forward failed ({type(exc).__name__}: {str(exc)[:300]}); "
+            "check that the calibration batches are inputs the model takes, or load the model "
+            "and use depprune.importance.wanda"
+        ) from exc
+
+
+def _layerwise_wanda(
+    folder: str | os.PathLike,
+    checkpoint: Checkpoint,
+    calibration: Iterable[Any],
+    progress: bool | None,
+) -> Importance:
     model = _skeleton_with_buffers(folder)
     prefix, blocks = blocks_of(model)
     resident = _Resident(model, checkpoint)

@@ -272,11 +272,14 @@ def read_bytes(
             if done >= start + entry.nbytes - first:
                 return window[start - first : start - first + entry.nbytes]
     target = into[: entry.nbytes]
-    fd = os.open(path, os.O_RDONLY)
     try:
-        done = _read_fully(fd, target, start, stop=entry.nbytes)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = _read_fully(fd, target, start, stop=entry.nbytes)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {entry.name!r} from {path}: {exc.strerror}") from exc
     if done < entry.nbytes:
         raise CheckpointError(f"{path} ended inside {entry.name!r}; the file is truncated")
     return target

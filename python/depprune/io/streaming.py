@@ -178,6 +178,13 @@ def apply_to_checkpoint(
         if new_config is not None:
             _check_rebuilds(temporary, model, layout)
         _move_into_place(temporary, out)
+    except OSError as exc:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise CheckpointError(
+            f"writing the pruned checkpoint failed ({exc.strerror or exc}"
+            + (f": {exc.filename}" if exc.filename else "")
+            + f"); nothing was written to {os.fspath(out)!r}"
+        ) from exc
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
