@@ -100,3 +100,21 @@ def test_batches_the_model_cannot_take_are_an_importance_error(checkpoint_dir):
         layerwise_wanda(
             checkpoint_dir, Checkpoint(checkpoint_dir), [torch.ones(1, 3)], progress=False
         )
+
+
+def test_one_block_is_resident_at_a_time(checkpoint_dir, monkeypatch):
+    from depprune.io import layerwise
+
+    resident_after_drop = []
+    drop = layerwise._Resident.drop
+
+    def recording_drop(self, module):
+        drop(self, module)
+        # What the bookkeeping still holds: only tensors outside the blocks may stay.
+        resident_after_drop.append(sum(p.numel() for p in self.real_of.values()))
+
+    monkeypatch.setattr(layerwise._Resident, "drop", recording_drop)
+    layerwise_wanda(checkpoint_dir, Checkpoint(checkpoint_dir), BATCHES, progress=False)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(checkpoint_dir)
+    outside = sum(p.numel() for n, p in loaded.named_parameters() if ".layers." not in n)
+    assert resident_after_drop == [outside] * 3

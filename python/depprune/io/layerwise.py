@@ -75,13 +75,16 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class _Resident:
-    """Reads a module's parameters from the checkpoint, and drops them again."""
+    """Reads a module's parameters from the checkpoint, and puts the meta ones back after."""
 
     def __init__(self, model: nn.Module, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self.stored = stored_as(model, checkpoint.names)
         self.prefix_of = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-        self.loaded: dict[int, torch.Tensor] = {}
+        #: id of each resident parameter -> the meta parameter it stands in for (kept alive,
+        #: so its id stays its own), and the reverse, so a tied copy shares the tensor read.
+        self.meta_of: dict[int, nn.Parameter] = {}
+        self.real_of: dict[int, nn.Parameter] = {}
 
     def load(self, module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None:
         skipped = {id(p) for s in skip for p in s.parameters()}
@@ -97,20 +100,23 @@ class _Resident:
                         f"the checkpoint does not store {full!r}, which the layer-by-layer "
                         "forward needs; is config.json the checkpoint's own?"
                     )
-                real = self.loaded.get(id(param))
+                real = self.real_of.get(id(param))
                 if real is None:
-                    real = self.checkpoint.read(stored)
-                owner._parameters[attr] = nn.Parameter(real, requires_grad=False)
-                self.loaded[id(owner._parameters[attr])] = real
-                # A tied copy met later finds the tensor already read.
-                self.loaded[id(param)] = real
+                    real = nn.Parameter(self.checkpoint.read(stored), requires_grad=False)
+                    self.real_of[id(param)] = real
+                    self.meta_of[id(real)] = param
+                owner._parameters[attr] = real
 
     def drop(self, module: nn.Module) -> None:
+        """Put the meta parameters back: nothing holds the tensors read any more."""
         for owner in module.modules():
             for attr, param in list(owner._parameters.items()):
-                if param is not None and not param.is_meta:
-                    self.loaded.pop(id(param), None)
-                    owner._parameters[attr] = nn.Parameter(param.to("meta"), requires_grad=False)
+                meta = self.meta_of.get(id(param)) if param is not None else None
+                if meta is not None:
+                    owner._parameters[attr] = meta
+                    self.real_of.pop(id(meta), None)
+        resident = {id(p) for p in self.real_of.values()}
+        self.meta_of = {k: v for k, v in self.meta_of.items() if k in resident}
 
 
 def _skeleton_with_buffers(folder: str | os.PathLike) -> nn.Module:
