@@ -109,13 +109,27 @@ impl Analysis {
 
         // A leaf in two factors of one product would give a flat index two
         // units of the same group; no unit map can say that, so freeze it.
-        let mut leaves_of: HashMap<usize, Rc<Vec<usize>>> = HashMap::new();
+        // Only factors of products need their leaf sets: every other node is
+        // visited once, so long sums and deep chains of sums stay linear.
+        let mut leaves_of: HashMap<usize, Vec<usize>> = HashMap::new();
         let mut ambiguous: Vec<usize> = Vec::new();
-        for &root in &row_root {
+        let mut products = Vec::new();
+        let mut reached = vec![false; num_nodes];
+        let mut stack: Vec<usize> = row_root.clone();
+        while let Some(node) = stack.pop() {
+            if std::mem::replace(&mut reached[node], true) {
+                continue;
+            }
+            if matches!(shape[node], Shape::Product(_)) {
+                products.push(node);
+            }
+            stack.extend(children(&shape[node]).iter().filter(|&&c| !reached[c]));
+        }
+        for product in products {
             let mut order = Vec::new();
             post_order(
                 &shape,
-                root,
+                product,
                 |n| leaves_of.contains_key(&n),
                 |n| order.push(n),
             );
@@ -123,25 +137,25 @@ impl Analysis {
                 let leaves = match &shape[node] {
                     Shape::Leaf => vec![node],
                     Shape::Sum(c) | Shape::Product(c) => {
-                        let is_product = matches!(shape[node], Shape::Product(_));
-                        let mut all: Vec<usize> = Vec::new();
-                        for child in c {
-                            let child_leaves = &leaves_of[child];
-                            if is_product {
-                                ambiguous.extend(
-                                    child_leaves
-                                        .iter()
-                                        .filter(|l| !frozen[**l] && all.binary_search(l).is_ok()),
-                                );
-                            }
-                            all.extend(child_leaves.iter());
-                            all.sort_unstable();
-                            all.dedup();
+                        // Each child's set is sorted and distinct: a leaf seen
+                        // twice in the concatenation lies under two children.
+                        let mut all: Vec<usize> = c
+                            .iter()
+                            .flat_map(|child| leaves_of[child].iter().copied())
+                            .collect();
+                        all.sort_unstable();
+                        if matches!(shape[node], Shape::Product(_)) {
+                            ambiguous.extend(
+                                all.windows(2)
+                                    .filter(|w| w[0] == w[1] && !frozen[w[0]])
+                                    .map(|w| w[0]),
+                            );
                         }
+                        all.dedup();
                         all
                     }
                 };
-                leaves_of.insert(node, Rc::new(leaves));
+                leaves_of.insert(node, leaves);
             }
         }
         if !ambiguous.is_empty() {
