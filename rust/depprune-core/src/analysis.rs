@@ -171,8 +171,12 @@ impl Analysis {
         let mut group_of_node = vec![-1i64; num_nodes];
         let mut group_node = Vec::new();
         let mut members: Vec<Vec<i64>> = Vec::new();
+        // One stamp per node, renewed per row: no hashing per visited node.
+        let mut stamp = vec![0usize; num_nodes];
         for (row, &root) in row_root.iter().enumerate() {
-            for leaf in leaves_in_order(&shape, root) {
+            let mark = row + 1;
+            let first_visit = |n: usize| std::mem::replace(&mut stamp[n], mark) != mark;
+            for leaf in leaves_in_order(&shape, root, first_visit) {
                 if frozen[leaf] || size[leaf] == 0 {
                     continue;
                 }
@@ -438,7 +442,8 @@ impl Analysis {
         offsets.push(0i64);
         let mut groups = Vec::new();
         for root in roots {
-            for leaf in leaves_in_order(&self.shape, root) {
+            let mut seen = std::collections::HashSet::new();
+            for leaf in leaves_in_order(&self.shape, root, |n| seen.insert(n)) {
                 let g = self.group_of_node[leaf];
                 if g >= 0 {
                     groups.push(g);
@@ -625,13 +630,17 @@ fn post_order(
     }
 }
 
-/// Distinct leaves under `root`, left to right (pre-order).
-fn leaves_in_order(shape: &[Shape], root: usize) -> Vec<usize> {
+/// Distinct leaves under `root`, left to right (pre-order); `first_visit`
+/// marks a node seen and says whether it was not seen before.
+fn leaves_in_order(
+    shape: &[Shape],
+    root: usize,
+    mut first_visit: impl FnMut(usize) -> bool,
+) -> Vec<usize> {
     let mut leaves = Vec::new();
-    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![root];
     while let Some(node) = stack.pop() {
-        if !seen.insert(node) {
+        if !first_visit(node) {
             continue;
         }
         match &shape[node] {
