@@ -2,7 +2,8 @@
 //! what the tracer emits for a Llama-style decoder (GQA, RoPE, SwiGLU MLP),
 //! at 80 layers (the Llama-3-70B depth) and at 1M+ equations.
 //!
-//! Run: `cargo bench -p depprune-core --bench solve`.
+//! Run: `cargo bench -p depprune-core --bench solve`; the `sum_parts`,
+//! `cut_points` and `sum_chain` groups grow by 10x per case.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use depprune_core::EquationBuilder;
@@ -157,5 +158,72 @@ fn bench_kept_indices(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_llama, bench_kept_indices);
+/// One axis cut into `k` parts by a single `sum` equation (a wide concat).
+fn sum_parts(k: usize) -> EquationBuilder {
+    let mut b = EquationBuilder::new();
+    let x = b.axis(2 * k as i64);
+    let parts: Vec<i64> = (0..k).map(|_| b.axis(2)).collect();
+    b.sum(x, &parts);
+    b.param(&[x]);
+    b
+}
+
+/// One axis given `k` distinct cut points by `k` two-part `sum` equations.
+fn cut_points(k: usize) -> EquationBuilder {
+    let mut b = EquationBuilder::new();
+    let n = k as i64 + 1;
+    let x = b.axis(n);
+    for i in 1..n {
+        let (head, tail) = (b.axis(i), b.axis(n - i));
+        b.sum(x, &[head, tail]);
+    }
+    b.param(&[x]);
+    b
+}
+
+/// An axis split off one element at a time, `k` sums deep, then merged with
+/// another axis by a product (so the chain lies under a product's factor).
+fn sum_chain(k: usize) -> EquationBuilder {
+    let mut b = EquationBuilder::new();
+    let n = k as i64 + 1;
+    let top = b.axis(n);
+    let mut x = top;
+    for i in 0..k as i64 {
+        let (inner, one) = (b.axis(n - 1 - i), b.axis(1));
+        b.sum(x, &[inner, one]);
+        x = inner;
+    }
+    let (merged, two) = (b.axis(2 * n), b.axis(2));
+    b.product(merged, &[top, two]);
+    b.param(&[top]);
+    b.param(&[merged]);
+    b
+}
+
+/// A named family of equation sets and the sizes it is benchmarked at.
+type Case = (&'static str, fn(usize) -> EquationBuilder, [usize; 3]);
+
+/// Cases that grow by 10x: the time should grow about as fast.
+fn bench_scaling(c: &mut Criterion) {
+    let cases: [Case; 3] = [
+        ("sum_parts", sum_parts, [2_000, 20_000, 200_000]),
+        ("cut_points", cut_points, [30, 300, 3_000]),
+        ("sum_chain", sum_chain, [1_000, 10_000, 100_000]),
+    ];
+    for (name, make, sizes) in cases {
+        let mut group = c.benchmark_group(name);
+        group.sample_size(10);
+        for k in sizes {
+            let e = make(k);
+            let groups = e.analyze().expect("valid").num_groups();
+            assert!((k..=k + 2).contains(&groups), "{name}/{k}: {groups} groups");
+            group.bench_with_input(BenchmarkId::from_parameter(k), &e, |b, e| {
+                b.iter(|| black_box(e).analyze().expect("valid"))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_llama, bench_kept_indices, bench_scaling);
 criterion_main!(benches);

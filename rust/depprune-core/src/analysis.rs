@@ -125,6 +125,18 @@ impl Analysis {
             }
             stack.extend(children(&shape[node]).iter().filter(|&&c| !reached[c]));
         }
+        // Sets are kept for products and their factors only; a factor's set is
+        // gathered by one walk that stops at kept sets, so a long chain of sums
+        // under a product is walked once, not once per link.
+        let mut is_factor = vec![false; num_nodes];
+        for node_shape in &shape {
+            if let Shape::Product(c) = node_shape {
+                for &f in c {
+                    is_factor[f] = true;
+                }
+            }
+        }
+        let (mut walk_stamp, mut walk) = (vec![0usize; num_nodes], 0usize);
         for product in products {
             let mut order = Vec::new();
             post_order(
@@ -135,22 +147,41 @@ impl Analysis {
             );
             for node in order {
                 let leaves = match &shape[node] {
+                    _ if !is_factor[node] && !matches!(shape[node], Shape::Product(_)) => continue,
                     Shape::Leaf => vec![node],
-                    Shape::Sum(c) | Shape::Product(c) => {
-                        // Each child's set is sorted and distinct: a leaf seen
-                        // twice in the concatenation lies under two children.
+                    Shape::Product(c) => {
+                        // Each factor's set is sorted and distinct: a leaf seen
+                        // twice in the concatenation lies under two factors.
                         let mut all: Vec<usize> = c
                             .iter()
                             .flat_map(|child| leaves_of[child].iter().copied())
                             .collect();
                         all.sort_unstable();
-                        if matches!(shape[node], Shape::Product(_)) {
-                            ambiguous.extend(
-                                all.windows(2)
-                                    .filter(|w| w[0] == w[1] && !frozen[w[0]])
-                                    .map(|w| w[0]),
-                            );
+                        ambiguous.extend(
+                            all.windows(2)
+                                .filter(|w| w[0] == w[1] && !frozen[w[0]])
+                                .map(|w| w[0]),
+                        );
+                        all.dedup();
+                        all
+                    }
+                    Shape::Sum(c) => {
+                        walk += 1;
+                        let mut all = Vec::new();
+                        let mut stack = c.clone();
+                        while let Some(n) = stack.pop() {
+                            if std::mem::replace(&mut walk_stamp[n], walk) == walk {
+                                continue;
+                            }
+                            if let Some(kept) = leaves_of.get(&n) {
+                                all.extend_from_slice(kept);
+                            } else if let Shape::Leaf = shape[n] {
+                                all.push(n);
+                            } else {
+                                stack.extend_from_slice(children(&shape[n]));
+                            }
                         }
+                        all.sort_unstable();
                         all.dedup();
                         all
                     }

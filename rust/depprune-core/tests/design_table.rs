@@ -355,3 +355,36 @@ fn a_sum_meets_a_product_by_cutting_the_outer_factor() {
     );
     assert_eq!(a.describe_axis(k).unwrap(), "g1[2]");
 }
+
+#[test]
+fn a_leaf_under_two_factors_of_one_product_is_frozen() {
+    // x (4) = product(a, a); y (12) = product(sum(a, c), a) with s = sum(a, c)
+    // reached through a chain of sums; z (6) = product(a, b) stays prunable.
+    let mut b = Builder::new();
+    let (x, a) = (b.axis(4), b.axis(2));
+    b.product(x, &[a, a]);
+    let (y, s, c, t) = (b.axis(12), b.axis(6), b.axis(4), b.axis(6));
+    b.sum(s, &[a, c]);
+    b.equal(t, s);
+    b.product(y, &[t, a]);
+    let (z, w, d) = (b.axis(6), b.axis(3), b.axis(2));
+    b.product(z, &[w, d]);
+    b.param(&[x]);
+    b.param(&[y]);
+    b.param(&[z, c]);
+    let a_ = b.solve();
+    assert_eq!(a_.conflicts(), &[-1]);
+    assert_eq!(
+        a_.describe_axis(x).unwrap(),
+        "product(frozen[2], frozen[2])"
+    );
+    assert_eq!(
+        a_.describe_axis(y).unwrap(),
+        "product(sum(frozen[2], g0[4]), frozen[2])"
+    );
+    assert_eq!(a_.describe_axis(z).unwrap(), "product(g1[3], g2[2])");
+    assert_eq!(
+        groups(&a_),
+        vec![(4, vec![1, 3]), (3, vec![2]), (2, vec![2])]
+    );
+}
