@@ -26,6 +26,9 @@ pub struct EquationBuilder {
     pub row_params: Vec<i64>,
     pub row_dims: Vec<i64>,
     pub row_axes: Vec<i64>,
+    /// `(rows scanned, the largest param among them)`: [`Self::param`] reads
+    /// only rows added since, so building n params stays linear.
+    params_seen: (usize, Option<i64>),
 }
 
 impl Default for EquationBuilder {
@@ -46,6 +49,7 @@ impl EquationBuilder {
             row_params: Vec::new(),
             row_dims: Vec::new(),
             row_axes: Vec::new(),
+            params_seen: (0, None),
         }
     }
 
@@ -88,7 +92,17 @@ impl EquationBuilder {
 
     /// A new parameter whose dims lie on `axes`; returns its rows.
     pub fn param(&mut self, axes: &[i64]) -> Vec<usize> {
-        let param = self.row_params.iter().max().map_or(0, |p| p + 1);
+        let (mut scanned, mut largest) = self.params_seen;
+        if scanned > self.row_params.len() {
+            (scanned, largest) = (0, None);
+        }
+        largest = self.row_params[scanned..]
+            .iter()
+            .copied()
+            .chain(largest)
+            .max();
+        self.params_seen = (self.row_params.len(), largest);
+        let param = largest.map_or(0, |p| p + 1);
         axes.iter()
             .enumerate()
             .map(|(dim, &axis)| self.row(param, dim as i64, axis))
