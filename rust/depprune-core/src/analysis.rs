@@ -201,7 +201,8 @@ impl Analysis {
         // Groups in order of first appearance: rows in order, leaves left to right.
         let mut group_of_node = vec![-1i64; num_nodes];
         let mut group_node = Vec::new();
-        let mut members: Vec<Vec<i64>> = Vec::new();
+        // (group, row) in row order; bucketed by group below, stably.
+        let mut pairs: Vec<(usize, i64)> = Vec::new();
         // One stamp per node, renewed per row: no hashing per visited node.
         let mut stamp = vec![0usize; num_nodes];
         for (row, &root) in row_root.iter().enumerate() {
@@ -214,9 +215,8 @@ impl Analysis {
                 if group_of_node[leaf] < 0 {
                     group_of_node[leaf] = group_node.len() as i64;
                     group_node.push(leaf);
-                    members.push(Vec::new());
                 }
-                members[group_of_node[leaf] as usize].push(row as i64);
+                pairs.push((group_of_node[leaf] as usize, row as i64));
             }
         }
         let group_sizes: Vec<i64> = group_node.iter().map(|&n| size[n] as i64).collect();
@@ -225,9 +225,18 @@ impl Analysis {
                 what: "the groups",
                 limit: i64::MAX,
             })?;
-        let member_offsets = prefix_offsets(members.iter().map(|m| m.len() as i64))
+        let mut counts = vec![0i64; group_node.len()];
+        for &(group, _) in &pairs {
+            counts[group] += 1;
+        }
+        let member_offsets = prefix_offsets(counts.into_iter())
             .ok_or_else(|| CoreError::Internal("member counts overflow i64".into()))?;
-        let member_rows = members.into_iter().flatten().collect();
+        let mut next: Vec<usize> = member_offsets.iter().map(|&o| o as usize).collect();
+        let mut member_rows = vec![0i64; pairs.len()];
+        for (group, row) in pairs {
+            member_rows[next[group]] = row;
+            next[group] += 1;
+        }
 
         Ok(Analysis {
             num_axes,
