@@ -3,7 +3,7 @@
 :func:`plan_checkpoint` builds the architecture on the meta device from
 ``config.json``, traces it, scores it from the checkpoint's files
 (:func:`depprune.io.streamed`; Wanda's activations layer by layer with one
-block's weights resident, :func:`depprune.io.layerwise_wanda`), selects and
+block's weights resident, :func:`depprune.io.layerwise.layerwise_wanda`), selects and
 proves; :func:`prune_checkpoint` then streams the cut
 (:func:`depprune.io.apply_to_checkpoint`). No step holds the model in memory.
 
