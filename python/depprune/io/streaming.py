@@ -148,8 +148,9 @@ def apply_to_checkpoint(
         model = load_skeleton(src)
     else:
         model = meta_shadow(model)  # the caller's model stays as it is
-    cuts, unmatched = _match_tensors(checkpoint, model, plan)
-    folds = _stored_folds(model, plan, check_architecture(checkpoint, model))
+    where = check_architecture(checkpoint, model)
+    cuts, unmatched = _match_tensors(checkpoint, model, plan, where)
+    folds = _stored_folds(model, plan, where)
     config_before = _config_dict(model)
     try:
         plan.apply(model, verify=verify)
@@ -219,21 +220,18 @@ def _check_destination(src: Path, out: Path, overwrite: bool) -> None:
 
 
 def _match_tensors(
-    checkpoint: Checkpoint, model: nn.Module, plan: Plan
+    checkpoint: Checkpoint, model: nn.Module, plan: Plan, where: Mapping[str, str]
 ) -> tuple[dict[str, dict[int, np.ndarray]], list[str]]:
     """The cuts by stored tensor name; and the stored tensors the model does not name.
 
+    ``where`` maps model names to stored ones (:func:`check_architecture`).
     Every check that can fail runs here, before anything is written.
     """
     state = model.state_dict(keep_vars=True)
-    where = check_architecture(checkpoint, model)
-
-    def stored(name: str) -> str | None:
-        return where.get(name)
 
     cuts: dict[str, dict[int, np.ndarray]] = {}
     for (name, dim), kept in plan.kept.items():
-        found = stored(name)
+        found = where.get(name)
         if found is None:
             if name not in state:
                 continue  # a buffer the model does not save: the constructor rebuilds it
