@@ -30,6 +30,8 @@ MODULES = [
     "depprune.apply.fixers",
     "depprune.apply.config",
     "depprune.apply.optimizer_state",
+    "depprune.apply.containers",
+    "depprune.structure",
     "depprune.plan",
     "depprune.io",
     "depprune.io.safetensors_files",

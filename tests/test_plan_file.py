@@ -1,4 +1,4 @@
-"""Plan files, version 2: the architecture record, choices, summary.json, and version 1 files."""
+"""Plan files, versions 2 and 3: the architecture record, choices, summary.json, and version 1 files."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #:     depprune.make_plan(model, torch.zeros(1, 3), ratio=0.5).save("tests/data/plan_v1.npz")
 #: It keeps neurons [2, 3, 4, 7] of the 8 (the largest L2 norms of that seeded model).
 PLAN_V1 = Path(__file__).parent / "data" / "plan_v1.npz"
+#: The same plan from depprune 0.1.0 at commit ca8bd02, whose files were version 2
+#: (the architecture record and summary.json, no structural cuts).
+PLAN_V2 = Path(__file__).parent / "data" / "plan_v2.npz"
 
 
 def mlp(out: int = 2, dtype=torch.float32, device="cpu") -> nn.Sequential:
@@ -169,7 +172,7 @@ def test_the_summary_counts_what_applying_the_plan_does(tmp_path):
     assert summary["inputs"] == plan.inputs
     assert [GroupChoice(**row) for row in summary["groups"]] == plan.groups
     assert {row["group"]: row["reason"] for row in summary["kept_whole"]} == plan.kept_whole
-    assert (summary["format"], summary["version"]) == ("depprune-plan", 2)
+    assert (summary["format"], summary["version"]) == ("depprune-plan", 3)
     assert summary["depprune_version"] == depprune.__version__
 
 
@@ -311,16 +314,28 @@ def test_a_version_1_file_loads_and_applies(tmp_path):
         Plan.load(PLAN_V1).apply(model)
     with pytest.raises(InvalidPlanError, match=r"version-1 plan file.*Plan.load\(path\).summary"):
         read_summary(PLAN_V1)
-    # Saved again, it is a version-2 file with a summary, and still no record.
+    # Saved again, it is a version-3 file with a summary, and still no record.
     Plan.load(PLAN_V1).save(tmp_path / "again.npz")
     assert read_summary(tmp_path / "again.npz")["totals"]["units_removed"] == 4
     assert Plan.load(tmp_path / "again.npz").architecture is None
 
 
+def test_a_version_2_file_loads_and_applies(tmp_path):
+    plan = Plan.load(PLAN_V2)
+    assert read_summary(PLAN_V2)["version"] == 2 and not plan.structure
+    assert plan.architecture["class"] == "Sequential" and plan.depprune_version == "0.1.0"
+    model = mlp()
+    assert plan.kept[("0.weight", 0)].tolist() == [2, 3, 4, 7]
+    plan.apply(model)
+    assert model[0].out_features == 4
+    plan.save(tmp_path / "again.npz")
+    assert read_summary(tmp_path / "again.npz")["version"] == 3
+
+
 def test_a_file_from_a_newer_depprune_says_to_upgrade(tmp_path):
     depprune.make_plan(mlp(), torch.zeros(1, 3), ratio=0.5).save(tmp_path / "plan.npz")
-    meta = meta_of(tmp_path / "plan.npz") | {"version": 3}
-    summary = read_summary(tmp_path / "plan.npz") | {"version": 3}
+    meta = meta_of(tmp_path / "plan.npz") | {"version": 4}
+    summary = read_summary(tmp_path / "plan.npz") | {"version": 4}
     newer = rewritten(
         tmp_path / "plan.npz",
         tmp_path / "newer.npz",
@@ -328,7 +343,7 @@ def test_a_file_from_a_newer_depprune_says_to_upgrade(tmp_path):
         summary_json=json.dumps(summary).encode(),
     )
     for read in (Plan.load, read_summary):
-        with pytest.raises(InvalidPlanError, match=r"plan file version 3.*upgrade depprune"):
+        with pytest.raises(InvalidPlanError, match=r"plan file version 4.*upgrade depprune"):
             read(newer)
 
 

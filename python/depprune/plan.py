@@ -47,14 +47,15 @@ from depprune._gc import paused_gc
 from depprune.apply import apply_kept_indices, named_tensors
 from depprune.errors import InvalidPlanError, PlanMismatchError
 from depprune.shadow import input_spec, inputs_from_spec
+from depprune.structure import StructuralCuts, apply_structure, from_file, prove_structure, to_file
 
 __all__ = ["GroupChoice", "Plan", "architecture_of", "read_summary"]
 
 ParamDim = tuple[str, int]
 _FORMAT = "depprune-plan"
-_VERSION = 2
-#: The plan file versions this depprune reads.
-_READS = (1, 2)
+_VERSION = 3
+#: The plan file versions this depprune reads (3 added structural cuts: layers, experts).
+_READS = (1, 2, 3)
 _SUMMARY = "summary.json"
 #: A summary.json claiming more is forged (a real one holds a few lines per group).
 _MAX_SUMMARY_BYTES = 64 * 2**20
@@ -114,6 +115,8 @@ class Plan:
     choices: dict[str, Any] = field(default_factory=dict)
     #: The depprune version that wrote the plan file (``None`` unless loaded from a v2 file).
     depprune_version: str | None = None
+    #: Whole layers and experts removed (:mod:`depprune.structure`); empty for width plans.
+    structure: StructuralCuts = field(default_factory=StructuralCuts)
     #: (plan fingerprint, model class) of the proof make_plan ran; not saved.
     _proved: tuple[str, type] | None = field(default=None, repr=False, compare=False)
 
@@ -183,6 +186,7 @@ class Plan:
         """A hash of every kept index list and shape (what a proof is about)."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(json.dumps([self.attributes, self.widths], sort_keys=True).encode())
+        digest.update(self.structure.digest())
         for (name, dim), indices in sorted(self.kept.items()):
             digest.update(f"{name}\0{dim}\0{self.shapes.get(name)}\0".encode())
             digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
@@ -212,6 +216,11 @@ class Plan:
                     f"the kept indices of {name!r} dim {dim} must be sorted, unique and in "
                     f"[0, {shape[dim]}); the plan file may be corrupt"
                 )
+        self.structure.validate(
+            None
+            if self.architecture is None
+            else {n: tuple(e["shape"]) for n, e in self.architecture["tensors"].items()}
+        )
         if not isinstance(self.choices, dict):
             raise InvalidPlanError(
                 f"plan.choices must be a dict of JSON values, not a {type(self.choices).__name__}"
@@ -232,14 +241,21 @@ class Plan:
         tensors = named_tensors(model)
         seen: set[int] = set()
         total = 0
-        kept_sizes = {key: indices.size for key, indices in self.kept.items()}
+        kept_sizes = self._kept_sizes()
+        gone = self.structure.params_removed(tensors)
         for name, (module, attr, is_param) in tensors.items():
             tensor = getattr(module, attr)
             if not is_param or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            total += math.prod(kept_sizes.get((name, d), s) for d, s in enumerate(tensor.shape))
+            if name not in gone:
+                total += math.prod(kept_sizes.get((name, d), s) for d, s in enumerate(tensor.shape))
         return total
+
+    def _kept_sizes(self) -> dict[ParamDim, int]:
+        sizes = {key: indices.size for key, indices in self.kept.items()}
+        sizes.update({key: indices.size for key, indices in self.structure.tensors.items()})
+        return sizes
 
     def apply(
         self,
@@ -277,8 +293,14 @@ class Plan:
             owner=type(model).__name__,
         )
         with paused_gc():
-            if verify and self.kept and self._proved != (self.fingerprint(), type(model)):
+            cutting = self.kept or self.structure
+            if verify and cutting and self._proved != (self.fingerprint(), type(model)):
                 self._prove(model, example_inputs)
+            self._cut(model, low_memory=low_memory, optimizers=list(optimizers))
+
+    def _cut(self, model: nn.Module, *, low_memory: bool, optimizers: list[Optimizer]) -> None:
+        """The cut itself, unproved: children first, then every tensor under its new name."""
+        if not self.structure:
             apply_kept_indices(
                 model,
                 self.kept,
@@ -287,6 +309,30 @@ class Plan:
                 attributes=self.attributes,
                 widths=self.widths,
             )
+            return
+        cuts = self.structure
+
+        def cut_tensors(rename) -> None:
+            kept = {}
+            for (name, dim), indices in [*self.kept.items(), *cuts.tensors.items()]:
+                new = rename(name)
+                if new is not None:
+                    kept[(new, dim)] = indices
+            attributes = {}
+            for name, values in [*self.attributes.items(), *cuts.attributes.items()]:
+                new = rename(name)
+                if new is not None:
+                    attributes.setdefault(new, {}).update(values)
+            apply_kept_indices(
+                model,
+                kept,
+                low_memory=low_memory,
+                optimizers=optimizers,
+                attributes=attributes,
+                widths=self.widths,
+            )
+
+        apply_structure(model, cuts, cut_tensors, optimizers=optimizers)
 
     def check_shapes(
         self, shapes: Mapping[str, Iterable[int]], *, owner: str = "the model"
@@ -386,6 +432,7 @@ class Plan:
             "kept_whole": [
                 {"group": group, "reason": why} for group, why in sorted(self.kept_whole.items())
             ],
+            "structure": self.structure.describe(),
             "totals": {
                 "tensors_cut": len(self.shapes),
                 "groups_cut": sum(choice.kept < choice.size for choice in self.groups),
@@ -400,14 +447,17 @@ class Plan:
     def _recorded_params(self) -> tuple[int, int]:
         """Parameters before and after, from the architecture record (tied ones counted once)."""
         assert self.architecture is not None
-        kept_sizes = {key: indices.size for key, indices in self.kept.items()}
+        kept_sizes = self._kept_sizes()
+        gone = self.structure.params_removed(self.architecture["tensors"])
         before = after = 0
         for name, entry in self.architecture["tensors"].items():
             # Under its first name only, as params_after(model) counts a tied parameter.
             if entry["kind"] != "parameter" or entry["tied_to"] is not None:
                 continue
             before += math.prod(entry["shape"])
-            after += math.prod(kept_sizes.get((name, d), s) for d, s in enumerate(entry["shape"]))
+            if name not in gone:
+                shape = entry["shape"]
+                after += math.prod(kept_sizes.get((name, d), s) for d, s in enumerate(shape))
         return before, after
 
     def _prove(self, model: nn.Module, example_inputs: Any) -> None:
@@ -425,16 +475,25 @@ class Plan:
                 example_inputs = inputs_from_spec(self.inputs)
             except (ValueError, TypeError) as exc:
                 raise InvalidPlanError(f"the plan's example inputs are malformed: {exc}") from exc
-        graph = trace(model, example_inputs)
-        keep = self._keep_mask(graph, model)
-        divergence = replay_plan(
-            model, graph, keep, graph.kept_indices(keep), attributes=self.attributes
-        )
-        if divergence is not None:
-            raise PlanMismatchError(
-                f"the plan does not hold on {type(model).__name__}: {divergence}; the model "
-                "is unchanged. Make the plan again with depprune.make_plan, which keeps such "
-                "groups whole"
+        if self.kept:
+            graph = trace(model, example_inputs)
+            keep = self._keep_mask(graph, model)
+            divergence = replay_plan(
+                model, graph, keep, graph.kept_indices(keep), attributes=self.attributes
+            )
+            if divergence is not None:
+                raise PlanMismatchError(
+                    f"the plan does not hold on {type(model).__name__}: {divergence}; the "
+                    "model is unchanged. Make the plan again with depprune.make_plan, which "
+                    "keeps such groups whole"
+                )
+        if self.structure:
+            # Layers and experts change the function: the pruned shadow must run alike.
+            prove_structure(
+                model,
+                self.structure,
+                example_inputs,
+                lambda shadow: self._cut(shadow, low_memory=False, optimizers=[]),
             )
         self.mark_proved(model)
 
@@ -491,6 +550,8 @@ class Plan:
             "architecture": self.architecture,
             "choices": self.choices,
         }
+        structure_meta, structure_arrays = to_file(self.structure)
+        meta["structure"] = structure_meta
         offsets, indices = _packed([self.kept[k] for k in keys])
         removed_offsets, removed_units = _packed([self.removed[g] for g in removed])
         arrays = {
@@ -499,6 +560,7 @@ class Plan:
             "indices": indices,
             "removed_offsets": removed_offsets,
             "removed_units": removed_units,
+            **structure_arrays,
         }
         summary = _json_bytes(self._summary(version), indent=1)
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -525,8 +587,10 @@ class Plan:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(bytes(data["meta"]).decode())
                 names = ["offsets", "indices"]
-                if isinstance(meta, dict) and meta.get("version") == _VERSION:
+                if isinstance(meta, dict) and meta.get("version") in _READS[1:]:
                     names += ["removed_offsets", "removed_units"]
+                if isinstance(meta, dict) and meta.get("version") == 3:
+                    names += ["structure_offsets", "structure_indices"]
                 arrays = {name: data[name] for name in names}
         except Exception as exc:
             raise InvalidPlanError(
@@ -544,7 +608,9 @@ class Plan:
             ) from exc
         if meta["version"] >= 2:
             summary, mine = read_summary(path), plan.summary()
-            disagree = [key for key in _COPIED if summary.get(key) != mine[key]]
+            mine["version"] = meta["version"]  # a version-2 file loads as what it says it is
+            copied = _COPIED + (("structure",) if meta["version"] >= 3 else ())
+            disagree = [key for key in copied if summary.get(key) != mine[key]]
             if disagree:
                 raise InvalidPlanError(
                     f"{where}: its {_SUMMARY} disagrees with the plan it summarises (on "
@@ -619,6 +685,10 @@ class Plan:
         )
         if version >= 2:
             plan._read_v2_fields(meta, arrays)
+        if version >= 3:
+            plan.structure = from_file(
+                meta.get("structure"), arrays["structure_offsets"], arrays["structure_indices"]
+            )
         plan.validate()
         return plan
 
@@ -744,9 +814,9 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     version = summary.get("version")
     if summary.get("format") == _FORMAT and type(version) is int and version > _VERSION:
         raise InvalidPlanError(f"{where} {_newer(version)}")
-    if summary.get("format") != _FORMAT or version != _VERSION:
+    if summary.get("format") != _FORMAT or version not in _READS[1:]:
         raise InvalidPlanError(
-            f"{where}: its {_SUMMARY} is not a version-{_VERSION} depprune plan summary (format "
+            f"{where}: its {_SUMMARY} is not a version-2 or -3 depprune plan summary (format "
             f"{summary.get('format')!r:.80}, version {version!r:.80})"
         )
     fields = {"groups": list, "kept_whole": list, "totals": dict, "choices": dict}

@@ -141,6 +141,12 @@ def apply_to_checkpoint(
     """
     started = time.perf_counter()
     src, out = Path(src_dir), Path(out_dir)
+    if plan.structure:
+        raise CheckpointError(
+            f"the plan removes whole layers or experts ({'; '.join(plan.structure.describe())}), "
+            "which renames and drops stored tensors; streaming does not do that yet: prune in "
+            "memory (from_pretrained, plan.apply, save_pretrained)"
+        )
     _check_destination(src, out, overwrite)
     checkpoint = Checkpoint(src)
     source_config = checkpoint.config
