@@ -32,6 +32,7 @@ MODULES = [
     "depprune.apply.optimizer_state",
     "depprune.apply.containers",
     "depprune.structure",
+    "depprune.experts",
     "depprune.plan",
     "depprune.io",
     "depprune.io.safetensors_files",

@@ -33,7 +33,13 @@ from torch.utils import _pytree as pytree
 from depprune.apply.containers import drop_with_undo, renamed_after_drop
 from depprune.errors import InvalidPlanError, PlanMismatchError
 
-__all__ = ["StructuralCuts", "apply_structure", "prove_structure", "renamed"]
+__all__ = [
+    "StructuralCuts",
+    "apply_structure",
+    "prove_structure",
+    "renamed",
+    "set_config_fields",
+]
 
 ParamDim = tuple[str, int]
 
@@ -140,19 +146,54 @@ def apply_structure(
     """
     lists = _lists(cuts.children)
     optimizers = list(optimizers)
-    undo = drop_with_undo(model, lists, optimizers=optimizers)
-    config = getattr(model, "config", None)
-    old = {key: getattr(config, key) for key in cuts.config}
+    # Children go while the config still matches the tensors (their rebuild proves the
+    # depth alone); the expert count is set before the tensor cut, whose rebuild needs it.
+    put_back_children = drop_with_undo(model, lists, optimizers=optimizers)
     try:
-        for key, value in cuts.config.items():
-            setattr(config, key, value)
-        if then is not None:
-            then(lambda name: renamed_after_drop(name, lists))
+        put_back_config = set_config_fields(model, cuts.config)
+        try:
+            if then is not None:
+                then(lambda name: renamed_after_drop(name, lists))
+        except BaseException:
+            put_back_config()
+            raise
     except BaseException:
-        for key, value in old.items():
-            setattr(config, key, value)
-        undo()
+        put_back_children()
         raise
+
+
+def set_config_fields(model: nn.Module, fields: Mapping[str, int]) -> Callable[[], None]:
+    """Set config fields (dotted for sub-configs: ``text_config.num_experts``); returns
+    what puts them back. A field that cannot be set puts back the ones before it.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> model.config = type("Config", (), {})()
+    >>> model.config.num_experts = 8
+    >>> put_back = set_config_fields(model, {"num_experts": 6})
+    >>> model.config.num_experts, put_back(), model.config.num_experts
+    (6, None, 8)
+    """
+    config = getattr(model, "config", None)
+    done: list[tuple[Any, str, Any]] = []
+
+    def put_back() -> None:
+        for target, key, old in reversed(done):
+            setattr(target, key, old)
+
+    try:
+        for dotted, value in fields.items():
+            *path, key = dotted.split(".")
+            target = config
+            for part in path:
+                target = getattr(target, part)
+            old = getattr(target, key)
+            setattr(target, key, value)
+            done.append((target, key, old))
+    except BaseException:
+        put_back()
+        raise
+    return put_back
 
 
 def prove_structure(

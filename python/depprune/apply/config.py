@@ -127,8 +127,27 @@ def _infer_config_fields(
         candidate = new | {k: v for k, v in proposals.items() if k not in drop}
         adopted: list[tuple[nn.Module, dict]] = []
         if _rebuild_mismatch(model, config, candidate, view, changes, adopted) == ("", ""):
-            return candidate, adopted
+            return _needed_only(model, config, candidate, proposals, view, changes, adopted)
     return None
+
+
+def _needed_only(
+    model: nn.Module,
+    config,
+    candidate: dict,
+    proposals: dict,
+    view: _View,
+    changes: list[tuple[nn.Module, dict]],
+    adopted: list[tuple[nn.Module, dict]],
+) -> tuple[dict, list[tuple[nn.Module, dict]]]:
+    """The candidate without the proposals the rebuild does not need: a field that only
+    equals a changed width (``eos_token_id`` 2 when two experts become one) stays as it was."""
+    for key in sorted(k for k in proposals if k in candidate):
+        fewer = {k: v for k, v in candidate.items() if k != key}
+        trial: list[tuple[nn.Module, dict]] = []
+        if _rebuild_mismatch(model, config, fewer, view, changes, trial) == ("", ""):
+            candidate, adopted = fewer, trial
+    return candidate, adopted
 
 
 def _hidden_width(model: nn.Module, view: _View) -> int | None:

@@ -274,10 +274,16 @@ def _fix_experts(m: nn.Module, p: str, v: _View) -> dict:
     Every expert keeps the same neurons' slots (the storage is one tensor),
     so the width is one number, the config's ``moe_intermediate_size`` where
     it has one (Qwen-MoE), else its ``intermediate_size`` (Mixtral).
-    ``is_transposed`` experts store [experts, width, hidden].
+    ``is_transposed`` experts store [experts, width, hidden], and so do those
+    (Llama 4) whose old ``down_proj`` has the module's hidden size last.
     """
-    down = v.shape(p + "down_proj")
+    down, old = v.shape(p + "down_proj"), v.old_shape(p + "down_proj")
     transposed = bool(getattr(m, "is_transposed", False))
+    known = [
+        getattr(m, a) for a in ("hidden_size", "hidden_dim") if type(getattr(m, a, None)) is int
+    ]
+    if known and old[1] != old[2] and known[0] in (old[1], old[2]):
+        transposed = old[2] == known[0]  # the layout read from the sizes, not from a flag
     hidden, width = (int(down[2]), int(down[1])) if transposed else (int(down[1]), int(down[2]))
     attrs: dict = {}
     for attr, value in [
