@@ -33,6 +33,8 @@ MODULES = [
     "depprune.apply.containers",
     "depprune.structure",
     "depprune.experts",
+    "depprune.depth",
+    "depprune.structural_selection",
     "depprune.plan",
     "depprune.io",
     "depprune.io.safetensors_files",

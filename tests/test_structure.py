@@ -15,8 +15,10 @@ import torch
 from tiny_models import TINY_DECODER, tokens
 from torch import nn
 
+import depprune
+from depprune import depth
 from depprune.apply.containers import drop_children, renamed_after_drop
-from depprune.errors import InvalidPlanError, PlanMismatchError
+from depprune.errors import InvalidPlanError, PlanMismatchError, SelectionError
 from depprune.plan import Plan, read_summary
 from depprune.structure import StructuralCuts
 
@@ -229,3 +231,68 @@ def test_a_corrupt_structure_is_refused(tmp_path):
     assert loaded.children["model.layers"].tolist() == [1, 2] and loaded.sizes == {
         "model.layers": 4
     }
+
+
+def test_make_plan_removes_layers_and_neurons_in_one_plan(tmp_path):
+    model = build("llama")
+    twin = copy.deepcopy(model)
+    plan = depprune.make_plan(
+        model, TOKENS, kinds=("layers", "neurons"), ratios={"layers": 0.5}, ratio=0.25
+    )
+    assert plan.choices["structural_ratios"] == {"layers": 0.5}
+    assert len(plan.structure.children["model.layers"]) == 2
+    plan.save(tmp_path / "plan.npz")
+    depprune.Plan.load(tmp_path / "plan.npz").apply(model)
+    assert model.config.num_hidden_layers == 2 and model.config.intermediate_size == 48
+    assert model.num_parameters() == plan.params_after(twin)
+    with torch.no_grad():
+        cached = model.generate(TOKENS, max_new_tokens=3, do_sample=False)
+        plain = model.generate(TOKENS, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_layers_and_experts_in_one_plan_reload_exactly(tmp_path):
+    config = transformers.MixtralConfig(
+        **{k: v for k, v in FOUR_LAYERS.items() if k != "intermediate_size"},
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    plan = depprune.make_plan(
+        model, TOKENS, kinds=("layers", "experts"), ratios={"layers": 0.25, "experts": 0.5}
+    )
+    lines = plan.structure.describe()
+    assert lines[0].startswith("layers of model.layers: 1 of 4 removed")
+    assert len(lines) == 4  # the three kept layers' experts; the removed layer's are not cut
+    plan.apply(model)
+    assert (model.config.num_hidden_layers, model.config.num_local_experts) == (3, 2)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS).logits, model(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_layers_of_a_meta_model_need_an_importance():
+    with torch.device("meta"):
+        model = build("llama")
+    with pytest.raises(SelectionError, match=r"layer_importance=depprune\.depth\.given_layers"):
+        depprune.make_plan(model, TOKENS, kinds=("layers",))
+    given = depth.given_layers(model, TOKENS, {"model.layers": [1, 2]})
+    plan = depprune.make_plan(model, TOKENS, kinds=("layers",), layer_importance=given)
+    assert plan.structure.children["model.layers"].tolist() == [0, 3]
+
+
+def test_kind_ratios_are_checked_before_anything_runs():
+    model = build("llama")
+    with pytest.raises(SelectionError, match="kinds does not ask for it"):
+        depprune.make_plan(model, TOKENS, ratios={"layers": 0.5})
+    with pytest.raises(SelectionError, match="a kind of its own ratio is one of"):
+        depprune.make_plan(model, TOKENS, kinds=("neurons",), ratios={"neurons": 0.5})
+    with pytest.raises(SelectionError, match="ratio of 'layers'"):
+        depprune.make_plan(model, TOKENS, kinds=("layers",), ratios={"layers": 1.5})
+    with pytest.raises(SelectionError, match="no list of repeated blocks"):
+        depprune.make_plan(
+            nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), torch.zeros(1, 4), kinds=("layers",)
+        )

@@ -34,8 +34,10 @@ from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
 from depprune.kinds import KINDS, _is_hidden_norm, group_kinds, params_per_unit
 from depprune.plan import GroupChoice, Plan
-from depprune.selection import Scope, check_ratios, layer_role, select
+from depprune.selection import Scope, _check_ratio, check_ratios, layer_role, select
 from depprune.shadow import input_spec, meta_shadow
+from depprune.structural_selection import STRUCTURAL_KINDS, structural_cuts
+from depprune.structure import prove_structure
 from depprune.tracer import model_inputs, record, running_stats_kept
 from depprune.verify import changed_widths, prove
 
@@ -193,6 +195,8 @@ def make_plan(
     progress: bool | None = None,
     verify: bool = True,
     keep_units: Mapping[int, int] | None = None,
+    layer_importance: Any = None,
+    expert_importance: Any = None,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
 
@@ -207,6 +211,17 @@ def make_plan(
     progress bar on a terminal; ``progress=False`` silences it, ``True`` forces it.
     ``keep_units`` maps group indices of the graph to the units they keep,
     instead of a ratio (an iterative schedule aiming at the original widths).
+
+    ``kinds`` may also name ``"layers"`` (whole repeated blocks: decoder layers,
+    residual blocks; :mod:`depprune.depth`) and ``"experts"`` (whole routed
+    experts of MoE layers; :mod:`depprune.experts`), alone or with widths in one
+    plan; ``ratios={"layers": 0.25}`` gives a kind its own ratio (else
+    ``ratio``). Layers are ranked by ``layer_importance`` (by default block
+    influence on ``example_inputs``; :func:`depprune.depth.block_influence` on
+    calibration batches, or :func:`depprune.depth.given_layers`), experts by
+    ``expert_importance`` (by default routing frequency on ``example_inputs``).
+    Such a plan changes the function, so it is proved by the pruned shadow's
+    forward and a rebuild of the new config, not the replay.
 
     ``uniform=True`` makes groups with the same role in every layer (all KV
     head groups, all MLP neuron groups) keep the same number of units, as a
@@ -230,9 +245,10 @@ def make_plan(
     (16, 12, 16)
     """
     ignored = _ignored_modules(ignored)
+    wanted = _check_kinds(kinds)
+    ratios, structural = _kind_ratios(ratios, ratio, wanted)
     # Check cheap arguments before the trace, so mistakes fail fast.
     check_ratios(model, ratio, ratios, ignored, round_to, min_units)
-    wanted = _check_kinds(kinds)
     with paused_gc():
         if graph is None:
             if example_inputs is None:
@@ -244,6 +260,16 @@ def make_plan(
             if all(g.kind for g in graph.groups)
             else group_kinds(graph, model)
         )
+        cuts = structural_cuts(
+            model,
+            graph.example_inputs if example_inputs is None else example_inputs,
+            structural,
+            layer_importance=layer_importance,
+            expert_importance=expert_importance,
+            progress=progress,
+        )
+        # Groups inside layers that go are still chosen like their mates: one config
+        # width for every layer; their cuts vanish with the layers.
         chosen = [g for g in graph.groups if kind_of[g.index] in wanted]
         spanned = _heads_under_a_norm(graph, model, chosen, kind_of)
         chosen = [g for g in chosen if g.index not in spanned]
@@ -322,6 +348,7 @@ def make_plan(
             for g in graph.groups
         ]
         plan = Plan.from_kept(model, graph.kept_indices(removed), choices)
+        plan.structure = cuts
         plan.removed = {g: np.asarray(u, dtype=np.int64) for g, u in removed.items()}
         plan.attributes = attributes
         if getattr(graph, "recording", None) is not None and removed:
@@ -354,6 +381,18 @@ def make_plan(
             "ignored_modules": len(ignored),
             "keep_units": len(keep_units or {}),
         }
+        if structural:
+            plan.choices["structural_ratios"] = structural
+            plan.choices["structure"] = cuts.describe()
+        plan.validate()
+        if verify and cuts:
+            # The width cuts were replayed above; whole layers and experts are proved here.
+            prove_structure(
+                model,
+                cuts,
+                graph.example_inputs if example_inputs is None else example_inputs,
+                lambda shadow: plan._cut(shadow, low_memory=False, optimizers=[]),
+            )
         if verify:
             plan.mark_proved(model)
         return plan
@@ -517,14 +556,39 @@ def _check_kinds(kinds: Iterable[str] | None) -> frozenset[str]:
             f"kinds must be kind names such as ('heads', 'neurons'); got {kinds!r}"
         )
     wanted = frozenset(kinds)
-    unknown = sorted(wanted - set(KINDS))
+    known = KINDS + STRUCTURAL_KINDS
+    unknown = sorted(wanted - set(known))
     if not wanted:
-        raise SelectionError(f"kinds is empty, so nothing would be pruned; choose from {KINDS}")
+        raise SelectionError(f"kinds is empty, so nothing would be pruned; choose from {known}")
     if unknown:
         raise SelectionError(
-            f"kinds {sorted(wanted)} holds unknown kinds {unknown}; choose from {', '.join(KINDS)}"
+            f"kinds {sorted(wanted)} holds unknown kinds {unknown}; choose from {', '.join(known)}"
         )
     return wanted
+
+
+def _kind_ratios(
+    ratios: Mapping[Any, float] | None, ratio: float, wanted: frozenset[str]
+) -> tuple[dict[Any, float] | None, dict[str, float]]:
+    """``ratios`` without kind-name keys, and each structural kind asked for -> its ratio."""
+    if not isinstance(ratios, Mapping):
+        by_scope, by_kind = ratios, {}
+    else:
+        by_scope = {k: v for k, v in ratios.items() if not isinstance(k, str)} or None
+        by_kind = {k: v for k, v in ratios.items() if isinstance(k, str)}
+    for kind, value in by_kind.items():
+        if kind not in STRUCTURAL_KINDS:
+            raise SelectionError(
+                f"ratios names the kind {kind!r}; a kind of its own ratio is one of "
+                f"{STRUCTURAL_KINDS} (widths take ratio, or ratios by module)"
+            )
+        if kind not in wanted:
+            raise SelectionError(
+                f"ratios gives {kind!r} a ratio, but kinds does not ask for it; add it to kinds"
+            )
+        _check_ratio(value, f"the ratio of {kind!r}")
+    structural = {k: by_kind.get(k, ratio) for k in STRUCTURAL_KINDS if k in wanted}
+    return by_scope, structural
 
 
 def prune(
@@ -547,6 +611,8 @@ def prune(
     optimizers: Iterable[torch.optim.Optimizer] = (),
     progress: bool | None = None,
     keep_units: Mapping[int, int] | None = None,
+    layer_importance: Any = None,
+    expert_importance: Any = None,
 ) -> PruneReport:
     """Prune ``model`` in place and return a report; on any error it is left as it was.
 
@@ -566,8 +632,14 @@ def prune(
     """
     ignored = _ignored_modules(ignored)
     # Check cheap arguments before the trace, so mistakes fail fast.
-    check_ratios(model, ratio, ratios, ignored, round_to, min_units)
-    _check_kinds(kinds)
+    check_ratios(
+        model,
+        ratio,
+        _kind_ratios(ratios, ratio, _check_kinds(kinds))[0],
+        ignored,
+        round_to,
+        min_units,
+    )
     optimizers = checked_optimizers(optimizers)
     if graph is None:
         if example_inputs is None:
@@ -588,6 +660,8 @@ def prune(
         strict=strict,
         progress=progress,
         keep_units=keep_units,
+        layer_importance=layer_importance,
+        expert_importance=expert_importance,
     )
     return apply_with_report(
         model, plan, graph, count_macs=count_macs, low_memory=low_memory, optimizers=optimizers
