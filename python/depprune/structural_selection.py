@@ -45,7 +45,6 @@ def structural_cuts(
     *,
     layer_importance: Any = None,
     expert_importance: Any = None,
-    consecutive: bool = False,
     progress: bool | None = None,
 ) -> StructuralCuts:
     """What goes for each structural kind in ``ratios`` (kind -> fraction removed).
@@ -53,14 +52,13 @@ def structural_cuts(
     ``layer_importance`` is a :class:`depprune.depth.LayerImportance` (by
     default block influence on ``example_inputs``); ``expert_importance`` a
     :class:`depprune.experts.ExpertImportance` (by default routing frequency
-    on ``example_inputs``). ``consecutive=True`` removes one run of adjacent
-    layers per list (as angular-distance depth pruning does).
+    on ``example_inputs``). For one run of adjacent layers (angular-distance
+    depth pruning), choose them with ``depprune.depth.choose_layers(...,
+    consecutive=True)`` and pass them as :func:`depprune.depth.given_layers`.
     """
     cuts = StructuralCuts()
     if "layers" in ratios:
-        _add_layers(
-            cuts, model, example_inputs, ratios["layers"], layer_importance, consecutive, progress
-        )
+        _add_layers(cuts, model, example_inputs, ratios["layers"], layer_importance, progress)
     if "experts" in ratios:
         _add_experts(cuts, model, example_inputs, ratios["experts"], expert_importance, progress)
         _forget_removed_layers(cuts)
@@ -82,7 +80,6 @@ def _add_layers(
     example_inputs: Any,
     ratio: float,
     importance: Any,
-    consecutive: bool,
     progress: bool | None,
 ) -> None:
     from depprune import depth
@@ -101,7 +98,7 @@ def _add_layers(
                 "with the layers to remove"
             )
         importance = depth.block_influence(model, [example_inputs], lists=lists, progress=progress)
-    kept = depth.choose_layers(lists, importance, ratio, consecutive=consecutive)
+    kept = depth.choose_layers(lists, importance, ratio)
     sizes = {entry.name: entry.size for entry in lists}
     for name, positions in kept.items():
         cuts.children[name] = np.asarray(positions, dtype=np.int64)
