@@ -64,6 +64,7 @@ def trace(
     >>> [(g.kind, g.size, g.params_per_unit) for g in graph.groups()]
     [('neurons', 8, 7)]
     """
+    _refuse_sharded(model)
     with paused_gc():
         result = record(model, example_inputs, ignored=_ignored_modules(ignored), strict=strict)
         graph = result.equations.solve()
@@ -75,6 +76,20 @@ def trace(
         if isinstance(model, nn.Module):
             graph.annotate(group_kinds(graph, model), params_per_unit(graph, model))
     return graph
+
+
+def _refuse_sharded(model: Any) -> None:
+    """A model sharded into DTensors (FSDP2, tensor parallel) has no whole shapes to trace."""
+    from depprune.distributed.dtensor import is_dtensor
+
+    if isinstance(model, nn.Module) and any(is_dtensor(p) for p in model.parameters()):
+        raise TraceError(
+            f"{type(model).__name__}'s parameters are DTensors (FSDP2 or tensor parallel), "
+            "whose forward shows gathered shards, not the named parameters; make the plan on "
+            "the unsharded model (or the same architecture on the meta device), hand it to "
+            "every rank with depprune.distributed.broadcast_plan and apply it there with "
+            "plan.apply(model, verify=False)"
+        )
 
 
 def _count_params(model: nn.Module) -> int:

@@ -83,7 +83,10 @@ def meta_shadow(model: nn.Module) -> nn.Module:
     meta twin (tensor subclasses, sparse or quantized storage) or cannot be
     deep-copied.
     """
-    memo: dict[int, Any] = {}
+    from depprune.distributed.accelerate import shadow_memo, strip_offload_hooks
+
+    # accelerate's hooks stay on the model; their weight maps stay out of the copy.
+    memo: dict[int, Any] = shadow_memo(model)
     for module in model.modules():
         held: list[torch.Tensor] = []
         held += [t for t in module._parameters.values() if t is not None]
@@ -108,7 +111,7 @@ def meta_shadow(model: nn.Module) -> nn.Module:
                 )
             memo[id(tensor)] = _meta_like(tensor)
     try:
-        return copy.deepcopy(model, memo)
+        return strip_offload_hooks(copy.deepcopy(model, memo))
     except Exception as exc:
         raise ShadowError(f"the model cannot be copied ({type(exc).__name__}: {exc})") from exc
 

@@ -45,6 +45,8 @@ from depprune.apply.optimizer_state import (
     optimizers_referencing,
     prepare_remap,
 )
+from depprune.distributed.accelerate import write_indexes
+from depprune.distributed.dtensor import refresh_sharded, reshard_registered
 from depprune.errors import PlanMismatchError, ResourceError
 
 __all__ = [
@@ -137,6 +139,7 @@ def apply_kept_indices(
     optimizers = checked_optimizers(optimizers)
     # Outside inference mode, so the new parameters can still be trained.
     with torch.inference_mode(False), torch.no_grad():
+        reshard_registered(model)  # FSDP2: the sharded parameters are the ones to cut
         cuts, changed = _plan_cuts(model, kept)
         view = _View(model, cuts, changed, widths)
         attribute_changes = _attribute_changes(model, view)
@@ -151,8 +154,12 @@ def apply_kept_indices(
         if low_memory:
             check_optimizer_state(optimizers, [(cut.current(), cut.dims) for cut in cuts])
         else:
-            for cut in cuts:
-                cut.new = cut.build()
+            try:
+                for cut in cuts:
+                    cut.new = cut.build()
+            except BaseException:
+                _discard_staged(cuts)  # offloaded values written aside
+                raise
         swaps = [] if low_memory else [(cut.current(), cut.new, cut.dims) for cut in cuts]
         remap = prepare_remap(optimizers, swaps)
         del swaps
@@ -171,10 +178,15 @@ def apply_kept_indices(
                 cut.assign(cut.new, undo)
             where = "a torch.nn.utils.prune mask"
             _refresh_masked(model, changed, undo)
+            where = "an offload folder's index.json"
+            undo.append(write_indexes([cut.mirror for cut in cuts if cut.mirror]))
+            where = "FSDP's sharded parameters"
+            undo.append(refresh_sharded(model))
             where = "the optimizers' parameters"
             remap.commit()  # last: it undoes itself if it fails
     except BaseException as exc:
         _undo(undo)
+        _discard_staged(cuts)
         if not isinstance(exc, Exception):
             raise  # Ctrl-C, SystemExit: undone, and passed on as they are
         raise PlanMismatchError(
@@ -185,6 +197,9 @@ def apply_kept_indices(
     if low_memory:
         _swap_one_by_one(cuts, optimizers)
         _refresh_masked(model, changed, None)
+        write_indexes([cut.mirror for cut in cuts if cut.mirror])
+        refresh_sharded(model)
+    _discard_staged(cuts)  # the backups of offloaded values the cut replaced
     _warn_stale_optimizers(old_tensors)
 
 
@@ -204,8 +219,18 @@ def _warn_stale_optimizers(old_tensors: list[weakref.ref]) -> None:
         )
 
 
-def _undo(undo: list[tuple[object, str, object, bool]]) -> None:
-    for target, attr, old, is_slot in reversed(undo):
+def _discard_staged(cuts: list[_Cut]) -> None:
+    for cut in cuts:
+        if cut.mirror is not None:
+            cut.mirror.discard()
+
+
+def _undo(undo: list) -> None:
+    for entry in reversed(undo):
+        if callable(entry):
+            entry()  # storage outside the module (an offload folder, FSDP's bookkeeping)
+            continue
+        target, attr, old, is_slot = entry
         if is_slot:
             target[attr] = old  # type: ignore[index]
         elif old is _ABSENT:

@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
+from depprune.distributed.accelerate import OffloadedEntry, offloaded_entries
+from depprune.distributed.dtensor import cut_dtensor, is_dtensor
 from depprune.errors import PlanMismatchError
 
 ParamDim = tuple[str, int]
@@ -43,25 +45,36 @@ class _Cut:
     new: torch.Tensor | None = None
     #: A value change folded into the cut tensor (an embedding scale moved into the weights).
     fold: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: Where the real values of an offloaded tensor live (the slot holds a meta placeholder).
+    mirror: OffloadedEntry | None = None
 
     def current(self) -> torch.Tensor:
         module, attr, is_param = self.owners[0]
         return (module._parameters if is_param else module._buffers)[attr]
 
     def build(self) -> torch.Tensor:
-        """The cut tensor, on the old one's device and dtype (and class, for parameters)."""
+        """The cut tensor, on the old one's device and dtype (and class, for parameters).
+
+        An offloaded tensor (a meta placeholder) gets its real values cut too,
+        staged in their storage until :meth:`assign` commits them.
+        """
         old = self.current()
-        new = old.detach()
-        cuts = {
-            dim: index.to(old.device)
-            for dim, index in self.dims.items()
-            if index.numel() < old.shape[dim]
-        }
-        new = cut_tensor(new, cuts)
-        if self.fold is not None:
-            new = self.fold(new if new.data_ptr() != old.data_ptr() else new.clone())
+        new = self._cut_values(old.detach())
+        if self.mirror is not None:
+            self.mirror.stage(self._cut_values)
         if isinstance(old, nn.Parameter):
             new = _like_parameter(old, new)
+        return new
+
+    def _cut_values(self, values: torch.Tensor) -> torch.Tensor:
+        cuts = {
+            dim: index.to(values.device)
+            for dim, index in self.dims.items()
+            if index.numel() < values.shape[dim]
+        }
+        new = cut_tensor(values, cuts)
+        if self.fold is not None:
+            new = self.fold(new if new.data_ptr() != values.data_ptr() else new.clone())
         return new
 
     def assign(self, new: torch.Tensor, undo: list | None) -> None:
@@ -70,6 +83,10 @@ class _Cut:
             if undo is not None:
                 undo.append((slots, attr, slots[attr], True))
             slots[attr] = new
+        if self.mirror is not None:
+            restore = self.mirror.commit()
+            if undo is not None:
+                undo.append(restore)
 
 
 def cut_tensor(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -82,6 +99,8 @@ def cut_tensor(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch.
     >>> cut_tensor(torch.arange(6).view(2, 3), {1: torch.tensor([0, 2])}).tolist()
     [[0, 2], [3, 5]]
     """
+    if is_dtensor(tensor):
+        return cut_dtensor(tensor, cuts)  # each rank cuts its shard
     on_cpu = _take_on_cpu(tensor, cuts)
     if on_cpu is not None:
         return on_cpu
@@ -275,6 +294,11 @@ def _plan_cuts(
         for dim, index in dims_of[key].items():
             shape[dim] = index.numel()
         cuts.append(_Cut(owners[key], key, dims_of[key], torch.Size(shape)))
+    # accelerate's offloaded tensors: the values to cut live in a hook's weights map.
+    entries = offloaded_entries(model)
+    by_key = {id(getattr(*tensors[name][:2])): entry for name, entry in entries.items()}
+    for cut in cuts:
+        cut.mirror = by_key.get(cut.key)
     return cuts, changed
 
 

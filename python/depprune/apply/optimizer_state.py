@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
+from depprune.apply.cuts import cut_tensor
 from depprune.errors import PlanMismatchError
 
 __all__ = [
@@ -160,9 +161,8 @@ def _cut_value(value: object, old: torch.Tensor, dims: Mapping[int, torch.Tensor
     if not cuts:
         return value
     assert isinstance(value, torch.Tensor)
-    for dim, index in sorted(cuts.items()):
-        value = value.index_select(dim, index.to(value.device))
-    return value
+    # The parameter's own cut: a sharded (DTensor) state is cut shard by shard like it.
+    return cut_tensor(value, {dim: index.to(value.device) for dim, index in cuts.items()})
 
 
 @dataclass

@@ -110,7 +110,8 @@ def _input_square_sums(
 
     Also gives, per weight name, which dim of the weight is the input dim.
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # The first real parameter's device: offloaded ones (accelerate) are meta placeholders.
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     batches = 0
     with input_square_sums(model) as (sums, input_dims, _):
         with torch.no_grad():

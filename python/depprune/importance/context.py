@@ -18,6 +18,7 @@ per unit, on the CPU). The helpers here turn per-index values of each member
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from depprune.apply import masked_tensors, named_tensors
+from depprune.distributed import dtensor
+from depprune.distributed.accelerate import offloaded_values
 from depprune.errors import ImportanceError
 from depprune.graph import DependencyGraph, Group
 
@@ -74,9 +77,18 @@ class ScoreContext:
 
     @classmethod
     def from_model(cls, graph: DependencyGraph, model: nn.Module) -> ScoreContext:
-        """Every parameter and buffer of ``model`` by name (tied ones under each name)."""
+        """Every parameter and buffer of ``model`` by name (tied ones under each name).
+
+        accelerate's offloaded tensors are their real values, read when first scored.
+        """
         named = named_tensors(model)
-        tensors = {name: getattr(module, attr) for name, (module, attr, _) in named.items()}
+        tensors: Mapping[str, torch.Tensor] = {
+            name: getattr(module, attr) for name, (module, attr, _) in named.items()
+        }
+        offloaded = offloaded_values(model)
+        if offloaded:
+            # The first map takes writes (a torch.nn.utils.prune product below).
+            tensors = ChainMap({}, offloaded, tensors)  # type: ignore[arg-type]
         owners = {name: module for name, (module, _, _) in named.items()}
         for module_name, _, tensor_name in masked_tensors(model):
             # torch.nn.utils.prune: the forward uses weight_orig * weight_mask, so score that.
@@ -87,7 +99,7 @@ class ScoreContext:
                 requires_grad=original.requires_grad,
             )
             effective.grad = original.grad  # already masked by the product's backward
-            tensors[name] = effective
+            tensors[name] = effective  # type: ignore[index]
         return cls(graph, tensors, owners)
 
 
@@ -147,6 +159,8 @@ def _scatter_members(
 
 def _all_dim_sums(tensor: torch.Tensor, transform: Transform) -> list[torch.Tensor]:
     """For every dim d: ``transform(tensor)`` summed over all dims but d."""
+    if dtensor.is_dtensor(tensor):
+        return dtensor.dim_sums(tensor, transform, _all_dim_sums)  # shard sums, all_reduced
     if tensor.dim() == 0:
         return []
     rows = tensor.shape[0]
