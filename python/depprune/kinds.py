@@ -70,6 +70,7 @@ def _kind(
         return "hidden"
     is_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in owners.values())
     fewest_copies = None
+    whole_runs = None
     for (name, dim), unit_map in graph.unit_maps(group).items():
         if name not in params:
             continue  # buffers such as RoPE's inv_freq hold one entry per unit
@@ -78,11 +79,18 @@ def _kind(
         # a run over frozen positions (channels flattened with space) is not.
         runs = np.any(on[1:] & (unit_map[1:] == unit_map[:-1]))
         if runs and shared[(name, dim)] > 1:
-            return "conv_groups" if is_conv else "heads"
+            # Runs in a linear layer too are heads (Mamba2's, next to a depthwise conv's
+            # groups); runs only in convs and their norms are conv groups.
+            if isinstance(owners[name], nn.Linear):
+                return "heads"
+            whole_runs = "conv_groups" if is_conv else "heads"
+            continue
         if _is_hidden_norm(owners[name]):
             continue  # a per-head q/k norm holds one entry per head_dim slot
         copies = int(np.bincount(unit_map[on], minlength=group.size).min())
         fewest_copies = copies if fewest_copies is None else min(fewest_copies, copies)
+    if whole_runs is not None:
+        return whole_runs
     if is_conv:
         return "channels"  # also the same slot of every group of a grouped conv
     if fewest_copies is not None and fewest_copies > 1:

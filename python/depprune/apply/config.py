@@ -12,6 +12,7 @@ Gemma-style embedding scales are folded into the weights.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import torch
@@ -103,7 +104,9 @@ def _infer_config_fields(
 ) -> tuple[dict, list[tuple[nn.Module, dict]]] | None:
     """Config fields no fixer names (``ffn_dim``, ``n_inner``, ``d_ff``, ``n_head``...) by what
     they size: a field whose value is a width the plan changes, to one new size, gets it.
-    The proposal holds only if a model built from it on meta matches the pruned one."""
+    The proposal holds only if a model built from it on meta matches the pruned one.
+    When no small subset of the proposals does, a field-by-field search (ratio fields such as
+    ``expand`` included; :func:`_descend`) looks for one the rebuild proves."""
     widths: dict[int, set[int]] = {k: set(v) for k, v in view.widths.items()}
     for name, dims in view.changed.items():
         old, now = view.old_shape(name), view.shape(name)
@@ -116,8 +119,6 @@ def _infer_config_fields(
         found = widths.get(value)
         if found is not None and len(found) == 1:
             proposals[key] = next(iter(found))
-    if not proposals:
-        return None
     # All proposals, then without one or two of them (fields that only happen to match).
     keys = sorted(proposals)
     left_out: list[tuple[str, ...]] = [()] + [(k,) for k in keys]
@@ -128,7 +129,150 @@ def _infer_config_fields(
         adopted: list[tuple[nn.Module, dict]] = []
         if _rebuild_mismatch(model, config, candidate, view, changes, adopted) == ("", ""):
             return _needed_only(model, config, candidate, proposals, view, changes, adopted)
+    # Too many fields match by chance, or a field is a ratio of two sizes: search field by field.
+    options = _field_options(config, new, proposals, view, widths)
+    for start in (False, True) if options else ():
+        candidate = _descend(model, config, new, options, view, start_proposed=start)
+        adopted = []
+        if _rebuild_mismatch(model, config, candidate, view, changes, adopted) == ("", ""):
+            changed = {k: v for k, v in candidate.items() if k not in new}
+            return _needed_only(model, config, candidate, changed, view, changes, adopted)
     return None
+
+
+def _field_options(
+    config, new: dict, proposals: dict, view: _View, widths: dict[int, set[int]]
+) -> dict[str, list]:
+    """Each field the search may change -> its values: the old one first, then the proposed ones.
+
+    Besides the fields that equal a changed width, a field ``v`` with ``v * A == B``
+    for two sizes of the model (``expand``: Mamba's inner width is ``expand *
+    hidden_size``) gets the ratio of the two sizes after the cut, ``B' / A'``,
+    where it is a whole number (or the field is a float).
+
+    >>> from types import SimpleNamespace
+    >>> view = SimpleNamespace(tensors={"w": torch.empty(64, 32, device="meta")})
+    >>> config = SimpleNamespace(hidden_size=32, expand=2)
+    >>> _field_options(config, {"hidden_size": 16}, {}, view, {32: {16}})
+    {'expand': [2, 4]}
+    """
+    sizes = {int(s) for tensor in view.tensors.values() for s in tensor.shape}
+    fields = {
+        key: value
+        for key, value in vars(config).items()
+        if not key.startswith("_") and type(value) in (int, float) and value > 0
+    }
+    options: dict[str, list] = {key: [fields[key], value] for key, value in proposals.items()}
+    for key, ratio in fields.items():
+        if key in new or ratio == 1:
+            continue  # a ratio of 1 is two equal sizes: the width proposals cover it
+        for other, size in fields.items():
+            whole = ratio * size
+            if other == key or type(size) is not int or size not in sizes:
+                continue
+            if (
+                whole != int(whole)
+                or int(whole) not in sizes
+                or len(widths.get(int(whole), ())) > 1
+            ):
+                continue
+            after = next(iter(widths.get(int(whole), {int(whole)})))
+            value = after / new.get(other, proposals.get(other, size))
+            if type(ratio) is int:
+                if value != int(value):
+                    continue
+                value = int(value)
+            found = options.setdefault(key, [ratio])
+            if value != ratio and value not in found:
+                found.append(value)
+    return {key: values for key, values in options.items() if len(values) > 1}
+
+
+#: Pairs of field changes one round of :func:`_descend` tries when no single change helps.
+_MAX_PAIRS = 300
+
+
+def _descend(
+    model: nn.Module, config, new: dict, options: dict[str, list], view: _View, *, start_proposed
+) -> dict:
+    """The fields' values, one field at a time, that leave the fewest tensor sizes wrong.
+
+    Starts from the old values (``start_proposed=False``) or from the first
+    proposal of every field, and takes, round by round, the change that leaves the fewest
+    dims different.
+    """
+    choice = {key: values[1 if start_proposed else 0] for key, values in options.items()}
+
+    def candidate(assigned: dict) -> dict:
+        return new | {k: v for k, v in assigned.items() if v != options[k][0]}
+
+    best = _mismatch_count(model, config, candidate(choice), view)
+    # Steepest descent: the best single change each round (the first improvement may block the
+    # one that fixes everything: a head count that fits a stale ``expand``).
+    for _ in range(4):
+        if best == 0:
+            break
+        singles = [(k, v) for k, values in options.items() for v in values if v != choice[k]]
+        trials = [choice | {key: value} for key, value in singles]
+        scored = [
+            (_mismatch_count(model, config, candidate(t), view), i) for i, t in enumerate(trials)
+        ]
+        if min(scored, default=(math.inf, -1))[0] >= best:
+            # Fields a config checks together (heads * head_dim == expand * hidden) move in pairs.
+            pairs = [(a, b) for a, b in itertools.combinations(singles, 2) if a[0] != b[0]][
+                :_MAX_PAIRS
+            ]
+            trials = [choice | dict(pair) for pair in pairs]
+            scored = [
+                (_mismatch_count(model, config, candidate(t), view), i)
+                for i, t in enumerate(trials)
+            ]
+        score, index = min(scored, default=(math.inf, -1))
+        if score >= best:
+            break
+        choice, best = trials[index], score
+    return candidate(choice)
+
+
+def _mismatch_count(model: nn.Module, config, new: dict, view: _View) -> float:
+    """How far a model built from the updated config is from the pruned one: the dims whose
+    sizes differ, a million per tensor one of them lacks, infinite if it cannot be built."""
+    rebuilt = _rebuilt(model, config, new)
+    if isinstance(rebuilt, Exception):
+        return math.inf
+    built = rebuilt.state_dict()
+    ours = _as_unmasked(model)
+    if built.keys() != ours.keys():
+        return 1e6 * len(set(built) ^ set(ours))
+    wrong = 0
+    for name, tensor in built.items():
+        mine = ours[name]
+        if mine in view.tensors:
+            expected = tuple(view.shape(mine))
+            if tensor.dim() != len(expected):
+                wrong += tensor.dim() + len(expected)
+            else:
+                wrong += sum(a != b for a, b in zip(tensor.shape, expected, strict=True))
+    return wrong
+
+
+def _rebuilt(model: nn.Module, config, new: dict) -> nn.Module | Exception:
+    """The architecture built on meta from ``config`` with ``new`` set, or why it could not be."""
+    import copy
+
+    candidate = copy.deepcopy(config)
+    for key, value in new.items():
+        setattr(candidate, key, value)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # save_pretrained validates the config (hidden size a multiple of the heads).
+            validate = getattr(candidate, "validate", None)
+            if callable(validate):
+                validate()
+            return type(model)(candidate)
+    except Exception as exc:  # a config the architecture rejects is not describable either
+        return exc
 
 
 def _needed_only(
@@ -237,21 +381,9 @@ def _rebuild_mismatch(
     derived from head_dim) must match the pruned modules'; and no buffer the
     constructor recomputes from the config (RoPE's ``inv_freq``) may be cut.
     """
-    import copy
-
-    candidate = copy.deepcopy(config)
-    for key, value in new.items():
-        setattr(candidate, key, value)
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # save_pretrained validates the config (hidden size a multiple of the heads).
-            validate = getattr(candidate, "validate", None)
-            if callable(validate):
-                validate()
-            rebuilt = type(model)(candidate)
-    except Exception as exc:  # a config the architecture rejects is not describable either
-        return f"no model ({type(exc).__name__}: {exc})", ""
+    rebuilt = _rebuilt(model, config, new)
+    if isinstance(rebuilt, Exception):
+        return f"no model ({type(rebuilt).__name__}: {rebuilt})", ""
     built = rebuilt.state_dict()
     ours = _as_unmasked(model)
     if built.keys() != ours.keys():

@@ -264,6 +264,42 @@ def _fix_mlp(m: nn.Module, p: str, v: _View) -> dict:
     return {}
 
 
+def _fix_state_space(m: nn.Module, p: str, v: _View) -> dict:
+    """Selective state-space mixers (Mamba, Mamba2, the Mamba layers of hybrids): every size
+    their forward splits and views by, read from the cut tensors.
+
+    Mamba keeps ``A_log`` as [inner, state] and ``dt_proj`` as [inner, time-step rank];
+    Mamba2 keeps one ``A_log`` entry per head and packs ``conv1d``'s channels as
+    [x (inner), B, C (n_groups * state each)]. The trace alone cannot tell these apart
+    when two of them share a size (heads 8, head_dim 8, state 8).
+    """
+    out_proj = v.shape(p + "out_proj.weight")
+    inner = int(out_proj[1])
+    sizes = {"hidden_size": int(out_proj[0]), "intermediate_size": inner}
+    a_log = v.shape(p + "A_log")
+    if len(a_log) == 2:
+        sizes["ssm_state_size"] = int(a_log[1])
+        if p + "dt_proj.weight" in v.tensors:
+            sizes["time_step_rank"] = int(v.shape(p + "dt_proj.weight")[1])
+    else:
+        heads, conv = int(a_log[0]), int(v.shape(p + "conv1d.weight")[0])
+        groups = getattr(m, "n_groups", 1)
+        sizes |= {
+            "num_heads": heads,
+            "head_dim": inner // heads,
+            "conv_dim": conv,
+            "ssm_state_size": (conv - inner) // (2 * groups),
+        }
+    return {key: value for key, value in sizes.items() if type(getattr(m, key, None)) is int}
+
+
+def _fix_grouped_norm(m: nn.Module, p: str, v: _View) -> dict:
+    """A norm over groups of ``group_size`` features (Mamba2's gated RMS norm): as many
+    groups as before, each as much smaller as the whole."""
+    old, new = int(v.old_shape(p + "weight")[0]), int(v.shape(p + "weight")[0])
+    return {"group_size": m.group_size * new // old} if m.group_size * new % old == 0 else {}
+
+
 #: Rows of a (tokens, features) operand of torch's grouped_mm must start 16 bytes apart.
 _GROUPED_MM_ALIGNMENT = 16
 
@@ -373,6 +409,13 @@ def _fixer_for(module: nn.Module) -> Fixer | None:
         and _has(module, "num_experts")
     ):
         return _fix_router
+    if _has(module, "A_log", "D", "in_proj", "out_proj", "conv1d"):
+        return _fix_state_space
+    weight = getattr(module, "weight", None)
+    if isinstance(getattr(module, "group_size", None), int) and (
+        isinstance(weight, nn.Parameter) and weight.dim() == 1
+    ):
+        return _fix_grouped_norm
     if kind.endswith(("MLP", "Intermediate")) or _has(module, "intermediate_size"):
         return _fix_mlp
     return None
