@@ -38,6 +38,7 @@ MODULES = [
     "depprune.distributed",
     "depprune.distributed.accelerate",
     "depprune.distributed.dtensor",
+    "depprune.budget",
     "depprune.plan",
     "depprune.io",
     "depprune.io.safetensors_files",

@@ -212,6 +212,8 @@ def make_plan(
     keep_units: Mapping[int, int] | None = None,
     layer_importance: Any = None,
     expert_importance: Any = None,
+    target: Mapping[str, float | str] | None = None,
+    target_options: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
 
@@ -238,6 +240,16 @@ def make_plan(
     Such a plan changes the function, so it is proved by the pruned shadow's
     forward and a rebuild of the new config, not the replay.
 
+    ``target={"params": 6e9}`` (also ``"active_params"``, ``"macs"``,
+    ``"memory_gb"``; absolute, or ``"50%"`` of the original) replaces the
+    ratios: :func:`depprune.budget.search` finds the uniform widths (and
+    layer / expert counts, when ``kinds`` names them) that meet it, ranked by
+    ``importance``, and the plan keeps those; ``target_options`` passes the
+    search's other settings (``tp_size``, ``batch``, ``seq_len``, ``dtype``,
+    ``top``, ``score_fn``, ``calibration``, ``rank``, ``kv_cache``), and
+    ``plan.budget`` holds the search's result (``print(plan.budget)``: the
+    best candidates as a table).
+
     ``uniform=True`` makes groups with the same role in every layer (all KV
     head groups, all MLP neuron groups) keep the same number of units, as a
     Hugging Face config needs; by default (``None``) a model with such a
@@ -260,6 +272,26 @@ def make_plan(
     (16, 12, 16)
     """
     ignored = _ignored_modules(ignored)
+    if target is not None:
+        return _plan_for_target(
+            model,
+            example_inputs,
+            target,
+            dict(target_options or {}),
+            graph=graph,
+            importance=importance,
+            ignored=ignored,
+            round_to=round_to,
+            kinds=kinds,
+            uniform=uniform,
+            strict=strict,
+            progress=progress,
+            verify=verify,
+            keep_units=keep_units,
+            ratios=ratios,
+            layer_importance=layer_importance,
+            expert_importance=expert_importance,
+        )
     wanted = _check_kinds(kinds)
     ratios, structural = _kind_ratios(ratios, ratio, wanted)
     # Check cheap arguments before the trace, so mistakes fail fast.
@@ -297,6 +329,8 @@ def make_plan(
             _roles(graph) if uniform or (uniform is None and has_config) else ({}, {})
         )
 
+        keep_units_given = set(keep_units or ())
+
         def choose(excluded: set[int]) -> dict[int, np.ndarray]:
             if role_of:
                 excluded = {m for g in excluded for m in by_role[role_of[g]]}
@@ -309,7 +343,9 @@ def make_plan(
                     {
                         g: s
                         for g, s in scores.items()
-                        if g not in excluded and not (inner.get(g, set()) - excluded - idle)
+                        if g not in excluded
+                        # A count given for it (a budget's choice) stands with its outer ones.
+                        and (g in keep_units_given or not (inner.get(g, set()) - excluded - idle))
                     },
                     model,
                     ratio=ratio,
@@ -411,6 +447,75 @@ def make_plan(
         if verify:
             plan.mark_proved(model)
         return plan
+
+
+def _plan_for_target(
+    model: nn.Module,
+    example_inputs: Any,
+    target: Mapping[str, float | str],
+    options: dict[str, Any],
+    *,
+    keep_units: Any,
+    ratios: Any,
+    layer_importance: Any,
+    expert_importance: Any,
+    **common: Any,
+) -> Plan:
+    """make_plan with the widths a budget search chose for ``target``."""
+    from depprune.budget import search
+
+    if keep_units is not None or ratios is not None:
+        raise SelectionError(
+            "target chooses every width itself; pass target, or keep_units / ratios, not both"
+        )
+    known = {
+        "tp_size",
+        "batch",
+        "seq_len",
+        "dtype",
+        "top",
+        "score_fn",
+        "calibration",
+        "rank",
+        "kv_cache",
+    }
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise SelectionError(
+            f"target_options holds {unknown}, which the budget search does not take; it "
+            f"takes {sorted(known)}"
+        )
+    importance, graph = common["importance"], common["graph"]
+    result = search(
+        model,
+        example_inputs,
+        target,
+        graph=graph,
+        importance=importance,
+        kinds=common["kinds"],
+        round_to=common["round_to"],
+        ignored=common["ignored"],
+        layer_importance=layer_importance,
+        expert_importance=expert_importance,
+        verify=common["verify"],
+        **options,
+    )
+    kwargs = {"expert_importance": expert_importance, **result.make_plan_kwargs()}
+    plan = make_plan(
+        model,
+        example_inputs,
+        graph=result.graph if graph is None else graph,
+        importance=importance,
+        ignored=common["ignored"],
+        uniform=common["uniform"],
+        strict=common["strict"],
+        progress=common["progress"],
+        verify=common["verify"],
+        **kwargs,
+    )
+    plan.choices["target"] = {key: str(value) for key, value in target.items()}
+    plan.budget = result
+    return plan
 
 
 def _kernel_multiples(graph: DependencyGraph, model: nn.Module) -> dict[int, int]:

@@ -117,6 +117,8 @@ class Plan:
     depprune_version: str | None = None
     #: Whole layers and experts removed (:mod:`depprune.structure`); empty for width plans.
     structure: StructuralCuts = field(default_factory=StructuralCuts)
+    #: The budget search's result when make_plan was given a target (its table); not saved.
+    budget: Any = field(default=None, repr=False, compare=False)
     #: (plan fingerprint, model class) of the proof make_plan ran; not saved.
     _proved: tuple[str, type] | None = field(default=None, repr=False, compare=False)
 
