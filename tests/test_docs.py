@@ -39,6 +39,7 @@ MODULES = [
     "depprune.distributed.accelerate",
     "depprune.distributed.dtensor",
     "depprune.budget",
+    "depprune.fast_meta",
     "depprune.plan",
     "depprune.io",
     "depprune.io.safetensors_files",

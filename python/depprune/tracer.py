@@ -7,7 +7,9 @@ the meta device traces without weights. There, calls that read values
 (``.item()``, ``bool()``) get a neutral answer, and ops whose output shape
 depends on values (``nonzero``, boolean masks, ``bincount``, ``unique``: MoE
 routing) the fullest one (every element nonzero, every value distinct), so
-every expert's code runs; the trace's notes say so.
+every expert's code runs; the trace's notes say so. On meta, a call whose
+signature the trace has seen before gets its outputs built without torch's
+meta kernel (:mod:`depprune.fast_meta`): layer after layer, most of them.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -32,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from depprune.equations import SUM, AxisEquations
 from depprune.errors import DeppruneError, TraceError, UnsupportedOpError
+from depprune.fast_meta import NEVER, MetaOutputs
 from depprune.rules import ADOPTERS, rule_for
 from depprune.rules.common import Axes, OpCall, freeze_all
 from depprune.shadow import ShadowError, meta_inputs, meta_shadow
@@ -60,6 +63,8 @@ class TraceResult:
     log: OpLog | None = None
     #: "meta" when the forward ran on a meta shadow, "real" when on the model itself.
     device: str = "meta"
+    #: Calls whose meta outputs were built without their kernels (:mod:`depprune.fast_meta`).
+    meta_outputs_built: int = 0
 
 
 _aten = torch.ops.aten
@@ -148,6 +153,10 @@ _NAMED_DATA_DEPENDENT_SHAPES = {
     "torchvision::nms": ("torchvision's nms", "as if every box were kept", _nms_keeps_all),
 }
 
+#: How a call runs (the third item of a recorder's entry): its kernel, a rare path
+#: (``_Recorder._rare``), or outputs built without the kernel on meta (:mod:`depprune.fast_meta`).
+_KERNEL, _RARE, _BUILT = 0, 1, 2
+
 #: Modules whose fused kernels mix gates in ways no equation expresses; their params freeze.
 _FROZEN_MODULES = (nn.RNNBase, nn.RNNCellBase)
 
@@ -172,23 +181,13 @@ class OpLog:
         return axes
 
 
-def _input_axes(in_args: tuple, in_kwargs: dict) -> tuple:
-    found = []
-    for value in (*in_args, *in_kwargs.values()):
-        if type(value) is Axes:
-            found.append(value)
-        elif type(value) is list:
-            found.extend(v for v in value if type(v) is Axes)
-    return tuple(found)
-
-
 class _ModuleStack:
     """Which module of the traced model is running: global forward hooks, removed on exit."""
 
     def __init__(self, model: Any) -> None:
-        modules = model.named_modules() if isinstance(model, nn.Module) else ()
+        modules = list(model.named_modules()) if isinstance(model, nn.Module) else []
         self.index = {id(m): i for i, (_, m) in enumerate(modules)}
-        self.names = [name for name, _ in model.named_modules()] if self.index else [""]
+        self.names = [name for name, _ in modules] or [""]
         self.stack = [0]
         self.handles: list[Any] = []
 
@@ -225,8 +224,12 @@ class _Recorder(TorchDispatchMode):
         # frames per ATen op, and the trace never runs under torch.compile.
         return False
 
+    #: Builds meta outputs without kernels; made on first use where ``__init__`` did not.
+    _meta: MetaOutputs | None = None
+
     def __init__(self, equations: AxisEquations, strict: bool, stack: _ModuleStack) -> None:
         super().__init__()
+        self._meta = MetaOutputs()
         self.equations = equations
         self.strict = strict
         self.log = OpLog(module_names=stack.names)
@@ -271,39 +274,53 @@ class _Recorder(TorchDispatchMode):
             return self.fresh(tensor)
         return axes
 
-    def _wrap(self, values: Iterable[Any]) -> tuple:
+    def _wrap(self, values: Iterable[Any], found: list) -> tuple:
+        """``values`` with tensors replaced by their axes; those axes are appended to ``found``."""
         known = self.axes
         wrapped = []
         for value in values:
             if isinstance(value, torch.Tensor):
                 axes = known.get(id(value))
-                wrapped.append(self.fresh(value) if axes is None else axes)
+                if axes is None:
+                    axes = self.fresh(value)
+                wrapped.append(axes)
+                found.append(axes)
             elif type(value) in (list, tuple):
-                wrapped.append(
-                    [self.axes_of(v) if isinstance(v, torch.Tensor) else v for v in value]
-                )
+                items = [self.axes_of(v) if isinstance(v, torch.Tensor) else v for v in value]
+                wrapped.append(items)
+                found.extend(v for v in items if type(v) is Axes)
             else:
                 wrapped.append(value)
         return tuple(wrapped)
 
     def _entry(self, func: Any) -> tuple:
-        """``(rule, adopter, rare)`` of one overload, worked out on its first call."""
+        """``(rule, adopter, path)`` of one overload, worked out on its first call: ``path``
+        is ``_KERNEL``, ``_RARE`` or ``_BUILT`` (truthy: ``_rare`` says what to run)."""
         rule = rule_for(func)
         named = _NAMED_DATA_DEPENDENT_SHAPES.get(getattr(func, "name", lambda: "")())
         if named is not None:
             _DATA_DEPENDENT_SHAPES[func] = named
-        rare = rule is None or func in _DATA_DEPENDENT or func in _DATA_DEPENDENT_SHAPES
-        entry = (rule, ADOPTERS.get(rule), rare)
+        if rule is None or func in _DATA_DEPENDENT or func in _DATA_DEPENDENT_SHAPES:
+            path = _RARE
+        else:
+            path = _KERNEL if self._meta_outputs().policy(func) == NEVER else _BUILT
+        entry = (rule, ADOPTERS.get(rule), path)
         self.rules[func] = entry
         return entry
 
+    def _meta_outputs(self) -> MetaOutputs:
+        meta = self._meta
+        if meta is None:
+            meta = self._meta = MetaOutputs()
+        return meta
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         entry = self.rules.get(func)
-        rule, adopter, rare = entry if entry is not None else self._entry(func)
+        rule, adopter, path = entry if entry is not None else self._entry(func)
         if kwargs is None:
             kwargs = {}
         run = func
-        if rare:
+        if path == _RARE:
             done, run = self._rare(func, rule, args, kwargs)
             if done:
                 return run
@@ -313,13 +330,16 @@ class _Recorder(TorchDispatchMode):
                     "axes, or add a rule in depprune/rules"
                 )
                 raise self.error
-        in_args = self._wrap(args)
-        in_kwargs = dict(zip(kwargs, self._wrap(kwargs.values()), strict=True)) if kwargs else {}
-        out = run(*args, **kwargs)
+        found: list[Axes] = []
+        in_args = self._wrap(args, found)
+        in_kwargs = (
+            dict(zip(kwargs, self._wrap(kwargs.values(), found), strict=True)) if kwargs else {}
+        )
+        out = self._meta.run(func, args, kwargs) if path == _BUILT else run(*args, **kwargs)
         self.num_ops += 1
         log = self.log
         log.funcs.append(func)
-        log.inputs.append(_input_axes(in_args, in_kwargs))
+        log.inputs.append(tuple(found))
         log.modules.append(self.stack[-1])
         if isinstance(out, torch.Tensor):
             # The common case inline: a new tensor shares an input's axes or gets fresh ones.
@@ -357,8 +377,12 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def _rare(self, func, rule: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
-        """The rare paths, kept off the per-op fast path: ``(True, result)`` when answered
-        here, else ``(False, what to run)``. The replay takes the same ones."""
+        """The paths other than a plain kernel call, kept off the per-op fast path:
+        ``(True, result)`` when answered here, else ``(False, what to run)``. The replay
+        takes the same ones, built meta outputs included."""
+        if self.rules[func][2] == _BUILT:
+            meta = self._meta_outputs()
+            return False, lambda *a, **k: meta.run(func, a, k)
         run = func
         if func in _DATA_DEPENDENT and args and args[0].is_meta:
             return True, self._neutral(func, args[0])
@@ -529,6 +553,7 @@ def record(
         output_axes=[tuple(a) for a in output_axes],
         log=recorder.log,
         device=device,
+        meta_outputs_built=recorder._meta_outputs().built,
     )
 
 
@@ -588,7 +613,8 @@ def _register_model(
         for dim, axis in enumerate(recorder.axes_of(tensor)):
             equations.param(name, dim, axis)
     notes = []
-    recurrent = [m for m in model.modules() if isinstance(m, _FROZEN_MODULES)]
+    modules = list(model.modules())
+    recurrent = [m for m in modules if isinstance(m, _FROZEN_MODULES)]
     if recurrent:
         notes.append(
             f"{len(recurrent)} recurrent module(s) ({type(recurrent[0]).__name__}, ...): "
@@ -597,7 +623,7 @@ def _register_model(
     for module in (*ignored, *recurrent):
         for tensor in (*module.parameters(), *module.buffers()):
             _freeze(equations, recorder.axes_of(tensor))
-    for module in model.modules():
+    for module in modules:
         if isinstance(module, nn.MultiheadAttention):
             _multihead_attention_widths(equations, recorder, module)
     return notes
