@@ -210,6 +210,7 @@ def make_plan(
     progress: bool | None = None,
     verify: bool = True,
     keep_units: Mapping[int, int] | None = None,
+    exact_keep_units: bool = False,
     layer_importance: Any = None,
     expert_importance: Any = None,
     target: Mapping[str, float | str] | None = None,
@@ -227,7 +228,10 @@ def make_plan(
     :data:`depprune.kinds.KINDS`, e.g. ``("heads", "neurons")``). Scoring shows a
     progress bar on a terminal; ``progress=False`` silences it, ``True`` forces it.
     ``keep_units`` maps group indices of the graph to the units they keep,
-    instead of a ratio (an iterative schedule aiming at the original widths).
+    instead of a ratio (an iterative schedule aiming at the original widths);
+    an inner factor (query heads per KV head, a conv group's channels) then
+    stays whole where its outer factor is cut, as under a ratio, unless
+    ``exact_keep_units=True`` (a budget's choice: every count stands).
 
     ``kinds`` may also name ``"layers"`` (whole repeated blocks: decoder layers,
     residual blocks; :mod:`depprune.depth`) and ``"experts"`` (whole routed
@@ -329,7 +333,7 @@ def make_plan(
             _roles(graph) if uniform or (uniform is None and has_config) else ({}, {})
         )
 
-        keep_units_given = set(keep_units or ())
+        keep_units_given = set(keep_units or ()) if exact_keep_units else set()
 
         def choose(excluded: set[int]) -> dict[int, np.ndarray]:
             if role_of:

@@ -283,9 +283,13 @@ class BudgetResult:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
         >>> search(model, torch.zeros(1, 4), {"params": 40}).make_plan_kwargs()
-        {'keep_units': {0: 4}, 'kinds': ('neurons',)}
+        {'keep_units': {0: 4}, 'exact_keep_units': True, 'kinds': ('neurons',)}
         """
-        kwargs: dict[str, Any] = {"keep_units": dict(self.keep_units), "kinds": self.kinds}
+        kwargs: dict[str, Any] = {
+            "keep_units": dict(self.keep_units),
+            "exact_keep_units": True,
+            "kinds": self.kinds,
+        }
         if self.ratios:
             kwargs["ratios"] = dict(self.ratios)
         if self.layer_importance is not None:
@@ -1513,6 +1517,7 @@ def _scored_by(
         model,
         graph=graph,
         keep_units=candidate.keep_units,
+        exact_keep_units=True,
         kinds=kinds,
         ratios=candidate.ratios or None,
         importance=importance,
