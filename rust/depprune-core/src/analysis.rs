@@ -11,15 +11,8 @@ use std::rc::Rc;
 
 use crate::error::CoreError;
 use crate::input::{validate, EquationSet, ParamTable};
-use crate::unify::{unify_all, Def, Store};
-
-/// A resolved structure node: children are roots.
-#[derive(Debug, Clone)]
-enum Shape {
-    Leaf,
-    Sum(Vec<usize>),
-    Product(Vec<usize>),
-}
+use crate::structure::{leaves_in_order, post_order, Kind, Structure};
+use crate::unify::{unify_all, Store};
 
 /// The result of analysing a set of axis equations: groups of prunable units,
 /// their members (parameter rows), and the index arithmetic of every row.
@@ -28,8 +21,7 @@ pub struct Analysis {
     num_axes: usize,
     axis_root: Vec<usize>,
     row_root: Vec<usize>,
-    size: Vec<u64>,
-    shape: Vec<Shape>,
+    structure: Structure,
     frozen: Vec<bool>,
     group_of_node: Vec<i64>,
     group_node: Vec<usize>,
@@ -69,24 +61,13 @@ impl Analysis {
         num_axes: usize,
         row_axes: &[usize],
     ) -> Result<Self, CoreError> {
-        let num_nodes = store.num_nodes();
-        let roots: Vec<usize> = (0..num_nodes).map(|n| store.find(n)).collect();
-        let mut shape = vec![Shape::Leaf; num_nodes];
-        for node in 0..num_nodes {
-            if roots[node] != node {
-                continue;
-            }
-            shape[node] = match store.def_of_root(node) {
-                None => Shape::Leaf,
-                Some(Def::Sum(c)) => Shape::Sum(c.iter().map(|&x| roots[x]).collect()),
-                Some(Def::Product(c)) => Shape::Product(c.iter().map(|&x| roots[x]).collect()),
-            };
-        }
-        let size: Vec<u64> = (0..num_nodes).map(|n| store.size(n)).collect();
+        let structure = Structure::from_store(store);
+        let num_nodes = structure.num_nodes();
+        let root = |node: usize| structure.root(node);
 
         // Frozen spreads down: every element of a frozen axis is frozen.
         let mut frozen: Vec<bool> = (0..num_nodes)
-            .map(|n| roots[n] == n && store.is_frozen_root(n))
+            .map(|n| n < structure.num_store_nodes() && root(n) == n && store.is_frozen_root(n))
             .collect();
         let mut spread = vec![false; num_nodes];
         let mut stack: Vec<usize> = (0..num_nodes).filter(|&n| frozen[n]).collect();
@@ -96,15 +77,16 @@ impl Analysis {
             }
             frozen[node] = true;
             stack.extend(
-                children(&shape[node])
+                structure
+                    .children(node)
                     .iter()
                     .copied()
                     .filter(|&c| !spread[c]),
             );
         }
 
-        let axis_root = roots[..num_axes].to_vec();
-        let row_root: Vec<usize> = row_axes.iter().map(|&a| roots[a]).collect();
+        let axis_root: Vec<usize> = (0..num_axes).map(root).collect();
+        let row_root: Vec<usize> = row_axes.iter().map(|&a| root(a)).collect();
         let mut conflicts: Vec<i64> = store.conflicts.iter().map(|&c| c as i64).collect();
 
         // A leaf in two factors of one product would give a flat index two
@@ -120,39 +102,41 @@ impl Analysis {
             if std::mem::replace(&mut reached[node], true) {
                 continue;
             }
-            if matches!(shape[node], Shape::Product(_)) {
+            if structure.kind(node) == Kind::Product {
                 products.push(node);
             }
-            stack.extend(children(&shape[node]).iter().filter(|&&c| !reached[c]));
+            stack.extend(structure.children(node).iter().filter(|&&c| !reached[c]));
         }
         // Sets are kept for products and their factors only; a factor's set is
         // gathered by one walk that stops at kept sets, so a long chain of sums
         // under a product is walked once, not once per link.
         let mut is_factor = vec![false; num_nodes];
-        for node_shape in &shape {
-            if let Shape::Product(c) = node_shape {
-                for &f in c {
+        for node in 0..structure.num_store_nodes() {
+            if structure.kind(node) == Kind::Product {
+                for &f in structure.children(node).iter() {
                     is_factor[f] = true;
                 }
             }
         }
-        let (mut walk_stamp, mut walk) = (vec![0usize; num_nodes], 0usize);
+        let (mut walk_stamp, mut walk) = (vec![0u32; num_nodes], 0u32);
         for product in products {
             let mut order = Vec::new();
             post_order(
-                &shape,
                 product,
+                |n| structure.children(n),
                 |n| leaves_of.contains_key(&n),
                 |n| order.push(n),
             );
             for node in order {
-                let leaves = match &shape[node] {
-                    _ if !is_factor[node] && !matches!(shape[node], Shape::Product(_)) => continue,
-                    Shape::Leaf => vec![node],
-                    Shape::Product(c) => {
+                let kind = structure.kind(node);
+                let leaves = match kind {
+                    _ if !is_factor[node] && kind != Kind::Product => continue,
+                    Kind::Leaf => vec![node],
+                    Kind::Product => {
                         // Each factor's set is sorted and distinct: a leaf seen
                         // twice in the concatenation lies under two factors.
-                        let mut all: Vec<usize> = c
+                        let mut all: Vec<usize> = structure
+                            .children(node)
                             .iter()
                             .flat_map(|child| leaves_of[child].iter().copied())
                             .collect();
@@ -165,20 +149,20 @@ impl Analysis {
                         all.dedup();
                         all
                     }
-                    Shape::Sum(c) => {
+                    Kind::Sum => {
                         walk += 1;
                         let mut all = Vec::new();
-                        let mut stack = c.clone();
+                        let mut stack = structure.children(node).to_vec();
                         while let Some(n) = stack.pop() {
                             if std::mem::replace(&mut walk_stamp[n], walk) == walk {
                                 continue;
                             }
                             if let Some(kept) = leaves_of.get(&n) {
                                 all.extend_from_slice(kept);
-                            } else if let Shape::Leaf = shape[n] {
+                            } else if structure.kind(n) == Kind::Leaf {
                                 all.push(n);
                             } else {
-                                stack.extend_from_slice(children(&shape[n]));
+                                stack.extend_from_slice(&structure.children(n));
                             }
                         }
                         all.sort_unstable();
@@ -199,17 +183,19 @@ impl Analysis {
         conflicts.dedup();
 
         // Groups in order of first appearance: rows in order, leaves left to right.
-        let mut group_of_node = vec![-1i64; num_nodes];
+        // Groups are leaves, and leaves are store nodes.
+        let mut group_of_node = vec![-1i64; structure.num_store_nodes()];
         let mut group_node = Vec::new();
         // (group, row) in row order; bucketed by group below, stably.
         let mut pairs: Vec<(usize, i64)> = Vec::new();
-        // One stamp per node, renewed per row: no hashing per visited node.
-        let mut stamp = vec![0usize; num_nodes];
+        // One stamp per node, renewed per row: no hashing per visited node
+        // (rows are far fewer than 2**32: each is three i64 of input).
+        let mut stamp = vec![0u32; num_nodes];
         for (row, &root) in row_root.iter().enumerate() {
-            let mark = row + 1;
+            let mark = row as u32 + 1;
             let first_visit = |n: usize| std::mem::replace(&mut stamp[n], mark) != mark;
-            for leaf in leaves_in_order(&shape, root, first_visit) {
-                if frozen[leaf] || size[leaf] == 0 {
+            for leaf in leaves_in_order(&structure, root, first_visit) {
+                if frozen[leaf] || structure.size(leaf) == 0 {
                     continue;
                 }
                 if group_of_node[leaf] < 0 {
@@ -219,7 +205,10 @@ impl Analysis {
                 pairs.push((group_of_node[leaf] as usize, row as i64));
             }
         }
-        let group_sizes: Vec<i64> = group_node.iter().map(|&n| size[n] as i64).collect();
+        let group_sizes: Vec<i64> = group_node
+            .iter()
+            .map(|&n| structure.size(n) as i64)
+            .collect();
         let unit_offsets =
             prefix_offsets(group_sizes.iter().copied()).ok_or(CoreError::TotalTooLarge {
                 what: "the groups",
@@ -242,8 +231,7 @@ impl Analysis {
             num_axes,
             axis_root,
             row_root,
-            size,
-            shape,
+            structure,
             frozen,
             group_of_node,
             group_node,
@@ -320,7 +308,8 @@ impl Analysis {
         for &group in &groups {
             for &row in self.members(group) {
                 num_maps = num_maps.saturating_add(1);
-                num_values = num_values.saturating_add(self.size[self.row_root[row as usize]]);
+                num_values =
+                    num_values.saturating_add(self.structure.size(self.row_root[row as usize]));
             }
         }
         let mut offsets: Vec<i64> = try_vec(num_maps, WHAT)?;
@@ -334,7 +323,7 @@ impl Analysis {
                     self.row_root[row as usize],
                     &mut memo,
                     &|node| {
-                        let size = self.size[node];
+                        let size = self.structure.size(node);
                         if node == leaf {
                             let mut units = try_vec(size, WHAT)?;
                             units.extend(0..size as i64);
@@ -425,7 +414,7 @@ impl Analysis {
     pub fn kept_sizes(&self, keep: &[u8]) -> Result<Vec<i64>, CoreError> {
         const WHAT: &str = "kept_sizes";
         self.check_keep(keep)?;
-        let mut count: Vec<i64> = try_filled(self.shape.len() as u64, -1, WHAT)?;
+        let mut count: Vec<i64> = try_filled(self.structure.num_nodes() as u64, -1, WHAT)?;
         let mut order = Vec::new();
         for axis in 0..self.num_axes {
             let root = self.axis_root[axis];
@@ -433,20 +422,26 @@ impl Analysis {
                 continue;
             }
             order.clear();
-            post_order(&self.shape, root, |n| count[n] >= 0, |n| order.push(n));
+            post_order(
+                root,
+                |n| self.structure.children(n),
+                |n| count[n] >= 0,
+                |n| order.push(n),
+            );
             for &node in &order {
-                count[node] = match &self.shape[node] {
-                    Shape::Leaf => match self.group_of_node[node] {
+                let children = self.structure.children(node);
+                count[node] = match self.structure.kind(node) {
+                    Kind::Leaf => match self.group_of_node[node] {
                         g if g >= 0 => {
                             let start = self.unit_offsets[g as usize] as usize;
-                            let units = &keep[start..start + self.size[node] as usize];
+                            let units = &keep[start..start + self.structure.size(node) as usize];
                             units.iter().filter(|&&k| k != 0).count() as i64
                         }
-                        _ => self.size[node] as i64,
+                        _ => self.structure.size(node) as i64,
                     },
-                    Shape::Sum(c) => c.iter().map(|&child| count[child]).sum(),
+                    Kind::Sum => children.iter().map(|&child| count[child]).sum(),
                     // Sizes are capped and products checked at validation: no overflow.
-                    Shape::Product(c) => c.iter().map(|&child| count[child]).product(),
+                    Kind::Product => children.iter().map(|&child| count[child]).product(),
                 };
             }
         }
@@ -483,7 +478,7 @@ impl Analysis {
         let mut groups = Vec::new();
         for root in roots {
             let mut seen = std::collections::HashSet::new();
-            for leaf in leaves_in_order(&self.shape, root, |n| seen.insert(n)) {
+            for leaf in leaves_in_order(&self.structure, root, |n| seen.insert(n)) {
                 let g = self.group_of_node[leaf];
                 if g >= 0 {
                     groups.push(g);
@@ -530,13 +525,13 @@ impl Analysis {
             &|node| match self.group_of_node[node] {
                 g if g >= 0 => {
                     let start = self.unit_offsets[g as usize] as usize;
-                    let units = &keep[start..start + self.size[node] as usize];
+                    let units = &keep[start..start + self.structure.size(node) as usize];
                     let mut flags = try_vec(units.len() as u64, what)?;
                     flags.extend(units.iter().map(|&k| u8::from(k != 0)));
                     Ok(flags)
                 }
                 // Frozen leaves and leaves outside every parameter are kept whole.
-                _ => try_filled(self.size[node], 1, what),
+                _ => try_filled(self.structure.size(node), 1, what),
             },
             u8::min,
             what,
@@ -555,17 +550,20 @@ impl Analysis {
         what: &'static str,
     ) -> Result<Rc<Vec<T>>, CoreError> {
         let computed = |node: usize, memo: &mut HashMap<usize, Rc<Vec<T>>>| {
-            let value = match &self.shape[node] {
-                Shape::Leaf => leaf(node)?,
-                Shape::Sum(c) => {
+            let parts = self.structure.parts(node);
+            let value = match self.structure.kind(node) {
+                Kind::Leaf => leaf(node)?,
+                Kind::Sum => {
+                    let c = &parts;
                     let len = c.iter().map(|child| memo[child].len() as u64).sum();
                     let mut all = try_vec(len, what)?;
-                    for child in c {
+                    for child in c.iter() {
                         all.extend_from_slice(&memo[child]);
                     }
                     all
                 }
-                Shape::Product(c) => {
+                Kind::Product => {
+                    let c = &parts;
                     let first = &memo[&c[0]];
                     let mut acc: Vec<T> = try_vec(first.len() as u64, what)?;
                     acc.extend_from_slice(first);
@@ -584,10 +582,11 @@ impl Analysis {
             memo.insert(node, Rc::new(value));
             Ok::<(), CoreError>(())
         };
+        // Sums list their pieces through their ropes: no vector per rope node.
         let mut order = Vec::new();
         post_order(
-            &self.shape,
             root,
+            |n| self.structure.parts(n),
             |n| memo.contains_key(&n),
             |n| order.push(n),
         );
@@ -614,9 +613,9 @@ impl Analysis {
                 }
                 Item::Node(n) => n,
             };
-            let (name, c) = match &self.shape[node] {
-                Shape::Leaf => {
-                    let size = self.size[node];
+            let (name, c) = match self.structure.kind(node) {
+                Kind::Leaf => {
+                    let size = self.structure.size(node);
                     match self.group_of_node[node] {
                         g if g >= 0 => out.push_str(&format!("g{g}[{size}]")),
                         _ if self.frozen[node] => out.push_str(&format!("frozen[{size}]")),
@@ -624,8 +623,8 @@ impl Analysis {
                     }
                     continue;
                 }
-                Shape::Sum(c) => ("sum(", c),
-                Shape::Product(c) => ("product(", c),
+                Kind::Sum => ("sum(", self.structure.parts(node)),
+                Kind::Product => ("product(", self.structure.parts(node)),
             };
             out.push_str(name);
             stack.push(Item::Text(")"));
@@ -638,57 +637,6 @@ impl Analysis {
         }
         Ok(out)
     }
-}
-
-fn children(shape: &Shape) -> &[usize] {
-    match shape {
-        Shape::Leaf => &[],
-        Shape::Sum(c) | Shape::Product(c) => c,
-    }
-}
-
-/// Visit every node under `root` children-first, skipping nodes `done` says
-/// are already handled; iterative so deep structures cannot overflow.
-fn post_order(
-    shape: &[Shape],
-    root: usize,
-    done: impl Fn(usize) -> bool,
-    mut visit: impl FnMut(usize),
-) {
-    let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![(root, false)];
-    while let Some((node, expanded)) = stack.pop() {
-        if expanded {
-            visit(node);
-            continue;
-        }
-        if done(node) || !seen.insert(node) {
-            continue;
-        }
-        stack.push((node, true));
-        stack.extend(children(&shape[node]).iter().rev().map(|&c| (c, false)));
-    }
-}
-
-/// Distinct leaves under `root`, left to right (pre-order); `first_visit`
-/// marks a node seen and says whether it was not seen before.
-fn leaves_in_order(
-    shape: &[Shape],
-    root: usize,
-    mut first_visit: impl FnMut(usize) -> bool,
-) -> Vec<usize> {
-    let mut leaves = Vec::new();
-    let mut stack = vec![root];
-    while let Some(node) = stack.pop() {
-        if !first_visit(node) {
-            continue;
-        }
-        match &shape[node] {
-            Shape::Leaf => leaves.push(node),
-            Shape::Sum(c) | Shape::Product(c) => stack.extend(c.iter().rev()),
-        }
-    }
-    leaves
 }
 
 /// `[0, c0, c0 + c1, ...]`, or `None` when the total overflows `i64`.

@@ -28,6 +28,8 @@ mod analysis;
 mod builder;
 mod error;
 mod input;
+mod rope;
+mod structure;
 mod unify;
 
 pub use analysis::{analyze, Analysis};
