@@ -3,7 +3,8 @@
 //! at 80 layers (the Llama-3-70B depth) and at 1M+ equations.
 //!
 //! Run: `cargo bench -p depprune-core --bench solve`; the `sum_parts`,
-//! `cut_points` and `sum_chain` groups grow by 10x per case.
+//! `cut_points`, `sum_chain`, `cut_points_shuffled`, `product_cuts` and
+//! `parts_then_cuts` groups grow by 10x per case.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use depprune_core::EquationBuilder;
@@ -181,6 +182,71 @@ fn cut_points(k: usize) -> EquationBuilder {
     b
 }
 
+/// The positions `1..=k` in a fixed pseudo-random order (splitmix64 keys).
+fn shuffled(k: usize) -> Vec<i64> {
+    let key = |i: i64| {
+        let mut z = (i as u64).wrapping_mul(0x9E3779B97F4A7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    };
+    let mut positions: Vec<i64> = (1..=k as i64).collect();
+    positions.sort_by_key(|&i| key(i));
+    positions
+}
+
+/// `cut_points` with the cuts arriving in a shuffled order, not left to right.
+fn cut_points_shuffled(k: usize) -> EquationBuilder {
+    let mut b = EquationBuilder::new();
+    let n = k as i64 + 1;
+    let x = b.axis(n);
+    for i in shuffled(k) {
+        let (head, tail) = (b.axis(i), b.axis(n - i));
+        b.sum(x, &[head, tail]);
+    }
+    b.param(&[x]);
+    b
+}
+
+/// Cuts through a product: `x = product(outer, inner)`, `k` rows of `k / 2 +
+/// 1`; then, interleaved and in shuffled orders, cuts of `x` after every
+/// other row (each cuts the outer factor, into pieces of 2 rows) and cuts of
+/// the inner factor at every position: about `k` cuts, `k + 1` groups.
+fn product_cuts(k: usize) -> EquationBuilder {
+    let mut b = EquationBuilder::new();
+    let m = (k / 2) as i64;
+    let (outer, inner) = (b.axis(2 * m), b.axis(m + 1));
+    let x = b.axis(2 * m * (m + 1));
+    b.product(x, &[outer, inner]);
+    let mut rows = shuffled(m as usize - 1).into_iter();
+    for j in shuffled(m as usize) {
+        if let Some(r) = rows.next() {
+            let (head, tail) = (b.axis(2 * r * (m + 1)), b.axis(2 * (m - r) * (m + 1)));
+            b.sum(x, &[head, tail]);
+        }
+        let (head, tail) = (b.axis(j), b.axis(m + 1 - j));
+        b.sum(inner, &[head, tail]);
+    }
+    b.param(&[x]);
+    b
+}
+
+/// One `sum` of `k / 2` parts of 2, then a cut in the middle of each part,
+/// in a shuffled order (a wide concat whose parts are then split).
+fn parts_then_cuts(k: usize) -> EquationBuilder {
+    let mut b = EquationBuilder::new();
+    let n = k as i64;
+    let x = b.axis(n);
+    let parts: Vec<i64> = (0..k / 2).map(|_| b.axis(2)).collect();
+    b.sum(x, &parts);
+    for i in shuffled(k / 2) {
+        let (head, tail) = (b.axis(2 * i - 1), b.axis(n - 2 * i + 1));
+        b.sum(x, &[head, tail]);
+    }
+    b.param(&[x]);
+    b
+}
+
 /// An axis split off one element at a time, `k` sums deep, then merged with
 /// another axis by a product (so the chain lies under a product's factor).
 fn sum_chain(k: usize) -> EquationBuilder {
@@ -205,10 +271,13 @@ type Case = (&'static str, fn(usize) -> EquationBuilder, [usize; 3]);
 
 /// Cases that grow by 10x: the time should grow about as fast.
 fn bench_scaling(c: &mut Criterion) {
-    let cases: [Case; 3] = [
+    let cases: [Case; 6] = [
         ("sum_parts", sum_parts, [2_000, 20_000, 200_000]),
         ("cut_points", cut_points, [30, 300, 3_000]),
         ("sum_chain", sum_chain, [1_000, 10_000, 100_000]),
+        ("cut_points_shuffled", cut_points_shuffled, [30, 300, 3_000]),
+        ("product_cuts", product_cuts, [30, 300, 3_000]),
+        ("parts_then_cuts", parts_then_cuts, [300, 3_000, 30_000]),
     ];
     for (name, make, sizes) in cases {
         let mut group = c.benchmark_group(name);
