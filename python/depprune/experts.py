@@ -45,14 +45,12 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils import _pytree as pytree
-from tqdm.auto import tqdm
 
 from depprune.errors import ImportanceError, PlanMismatchError, SelectionError
-from depprune.importance.context import _quiet
+from depprune.importance.activations import run_batches
 from depprune.selection import lowest
 from depprune.shadow import ShadowError, meta_shadow
 from depprune.structure import StructuralCuts
-from depprune.tracer import split_inputs
 
 __all__ = [
     "ExpertCuts",
@@ -484,14 +482,8 @@ def routing_importance(
     handles = [
         modules[layer.router_module].register_forward_hook(hook_for(layer)) for layer in layers
     ]
-    batches = 0
     try:
-        with torch.no_grad():
-            for batch in tqdm(calibration, desc="expert routing", disable=_quiet(progress)):
-                batch = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
-                args, kwargs = split_inputs(batch)
-                model(*args, **kwargs)
-                batches += 1
+        batches = run_batches(model, calibration, "expert routing", progress)
     finally:
         for handle in handles:
             handle.remove()

@@ -110,17 +110,31 @@ def _input_square_sums(
 
     Also gives, per weight name, which dim of the weight is the input dim.
     """
+    with input_square_sums(model) as (sums, input_dims, _):
+        batches = run_batches(model, calibration, "wanda calibration", progress)
+    return sums, input_dims, batches * bool(input_dims)
+
+
+def run_batches(
+    model: nn.Module, calibration: Iterable[Any], desc: str, progress: bool | None
+) -> int:
+    """Run ``model`` on every batch (a tensor, tuple or dict of inputs) without gradients,
+    each moved to the model's device, with a progress bar; the number of batches run.
+
+    >>> import torch
+    >>> run_batches(torch.nn.Linear(2, 2), [torch.zeros(1, 2)] * 3, "batches", False)
+    3
+    """
     # The first real parameter's device: offloaded ones (accelerate) are meta placeholders.
     device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     batches = 0
-    with input_square_sums(model) as (sums, input_dims, _):
-        with torch.no_grad():
-            for batch in tqdm(calibration, desc="wanda calibration", disable=_quiet(progress)):
-                batch = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
-                args, kwargs = split_inputs(batch)
-                model(*args, **kwargs)
-                batches += 1
-    return sums, input_dims, batches * bool(input_dims)
+    with torch.no_grad():
+        for batch in tqdm(calibration, desc=desc, disable=_quiet(progress)):
+            batch = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
+            args, kwargs = split_inputs(batch)
+            model(*args, **kwargs)
+            batches += 1
+    return batches
 
 
 @contextlib.contextmanager
