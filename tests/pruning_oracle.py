@@ -137,3 +137,25 @@ def assert_same_outputs(expected: list[torch.Tensor], got: list[torch.Tensor], a
     for e, g in zip(expected, got, strict=True):
         assert e.shape == g.shape, f"output shape {tuple(g.shape)} != {tuple(e.shape)}"
         torch.testing.assert_close(g, e, atol=atol, rtol=1e-4)
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding without a cache: the whole sequence again for every new token."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def assert_generates_and_reloads(model: nn.Module, ids: torch.Tensor, path) -> nn.Module:
+    """``generate`` with the cache equals the no-cache greedy loop, and the model saved to
+    ``path`` reloads with the same logits; returns the reloaded model."""
+    logits = model(ids).logits
+    model.generation_config.eos_token_id = None  # every step compared, none stopped early
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, greedy(model, ids, 3))
+    model.save_pretrained(path)
+    reloaded = type(model).from_pretrained(path).eval()
+    assert torch.equal(reloaded(ids).logits, logits)
+    return reloaded
