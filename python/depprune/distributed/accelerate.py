@@ -317,8 +317,10 @@ def strip_offload_hooks(shadow: nn.Module) -> nn.Module:
     """
     if not _has_hooks(shadow):
         return shadow
-    from accelerate.hooks import _accelerate_added_attributes
+    import accelerate.hooks
 
+    # Attributes dispatch_model adds: a module-level list before accelerate 1.16, a marker since.
+    listed = getattr(accelerate.hooks, "_accelerate_added_attributes", ())
     for module in shadow.modules():
         state = module.__dict__
         state.pop("_hf_hook", None)
@@ -329,6 +331,7 @@ def strip_offload_hooks(shadow: nn.Module) -> nn.Module:
                 state.pop("forward", None)
             else:
                 state["forward"] = old
-        for attr in _accelerate_added_attributes:
+        marked = [k for k, v in state.items() if getattr(v, "_accelerate_added_attribute", False)]
+        for attr in [*listed, *marked]:
             state.pop(attr, None)
     return shadow
