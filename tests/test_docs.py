@@ -38,6 +38,7 @@ MODULES = [
     "depprune.distributed",
     "depprune.distributed.accelerate",
     "depprune.distributed.dtensor",
+    "depprune.distributed.tensor_parallel",
     "depprune.budget",
     "depprune.fast_meta",
     "depprune.plan",

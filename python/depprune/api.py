@@ -17,6 +17,7 @@ group  kind              units  first member
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from depprune._gc import paused_gc
 from depprune.apply.optimizer_state import checked_optimizers
+from depprune.distributed.tensor_parallel import TensorParallel
 from depprune.errors import PlanMismatchError, SelectionError, TraceError
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
@@ -215,6 +217,7 @@ def make_plan(
     expert_importance: Any = None,
     target: Mapping[str, float | str] | None = None,
     target_options: Mapping[str, Any] | None = None,
+    tensor_parallel: Any = None,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
 
@@ -253,6 +256,14 @@ def make_plan(
     ``top``, ``score_fn``, ``calibration``, ``rank``, ``kv_cache``), and
     ``plan.budget`` holds the search's result (``print(plan.budget)``: the
     best candidates as a table).
+
+    ``tensor_parallel=N`` (or a
+    :class:`~depprune.distributed.tensor_parallel.TensorParallel` with its own
+    tp_plan) makes every one of N tensor-parallel ranks keep the same number
+    of heads, KV heads and neurons from its own chunk of each split tensor
+    (read from the model's transformers ``tp_plan``), so that each rank can
+    cut its shard alone and the pruned model runs on N ranks; the splits are
+    recorded in the plan (:func:`~depprune.distributed.apply_to_tp_shards`).
 
     ``uniform=True`` makes groups with the same role in every layer (all KV
     head groups, all MLP neuron groups) keep the same number of units, as a
@@ -295,7 +306,9 @@ def make_plan(
             ratios=ratios,
             layer_importance=layer_importance,
             expert_importance=expert_importance,
+            tensor_parallel=tensor_parallel,
         )
+    parallel = TensorParallel.of(tensor_parallel) if tensor_parallel is not None else None
     wanted = _check_kinds(kinds)
     ratios, structural = _kind_ratios(ratios, ratio, wanted)
     # Check cheap arguments before the trace, so mistakes fail fast.
@@ -326,6 +339,9 @@ def make_plan(
         chosen = [g for g in chosen if g.index not in spanned]
         inner = _outermost_factors(graph, chosen)
         multiples = _kernel_multiples(graph, model)
+        balanced = parallel.balanced_groups(graph, chosen, model) if parallel else {}
+        for g, ranks in balanced.items():
+            multiples[g] = math.lcm(multiples.get(g, 1), ranks)
         scores = score_groups(chosen, importance or magnitude(2), ctx, progress=progress)
         has_config = hasattr(getattr(model, "config", None), "to_dict")
         # A config sizes every layer alike: a group kept whole keeps its role whole.
@@ -363,6 +379,7 @@ def make_plan(
                     # LAMP, BatchNorm scales after slimming: one threshold over raw scores.
                     normalize=not getattr(importance, "globally_comparable", False),
                     keep_units=keep_units,
+                    balanced=balanced,
                 )
                 outers = set().union(*inner.values()) if inner else set()
                 idle = {g for g in outers if g not in removed and g not in excluded}
@@ -436,6 +453,8 @@ def make_plan(
             "ignored_modules": len(ignored),
             "keep_units": len(keep_units or {}),
         }
+        if parallel is not None:
+            parallel.record(plan, model)
         if structural:
             plan.choices["structural_ratios"] = structural
             plan.choices["structure"] = cuts.describe()
@@ -463,6 +482,7 @@ def _plan_for_target(
     ratios: Any,
     layer_importance: Any,
     expert_importance: Any,
+    tensor_parallel: Any,
     **common: Any,
 ) -> Plan:
     """make_plan with the widths a budget search chose for ``target``."""
@@ -489,6 +509,8 @@ def _plan_for_target(
             f"target_options holds {unknown}, which the budget search does not take; it "
             f"takes {sorted(known)}"
         )
+    if tensor_parallel is not None:
+        options.setdefault("tp_size", TensorParallel.of(tensor_parallel).size)
     importance, graph = common["importance"], common["graph"]
     result = search(
         model,
@@ -515,6 +537,7 @@ def _plan_for_target(
         strict=common["strict"],
         progress=common["progress"],
         verify=common["verify"],
+        tensor_parallel=tensor_parallel,
         **kwargs,
     )
     plan.choices["target"] = {key: str(value) for key, value in target.items()}

@@ -289,11 +289,14 @@ class Plan:
         ones, so training goes on (:mod:`depprune.apply.optimizer_state`); an
         optimizer left out that holds cut parameters gets a warning.
         """
+        from depprune.distributed.tensor_parallel import check_model
+
         tensors = named_tensors(model)
         self.check_shapes(
             {name: getattr(module, attr).shape for name, (module, attr, _) in tensors.items()},
             owner=type(model).__name__,
         )
+        check_model(self, model)
         with paused_gc():
             cutting = self.kept or self.structure
             if verify and cutting and self._proved != (self.fingerprint(), type(model)):

@@ -74,6 +74,20 @@ def lowest(scores: torch.Tensor, count: int) -> np.ndarray:
     return np.sort(order.numpy().astype(np.int64))
 
 
+def balanced_lowest(scores: torch.Tensor, count: int, ranks: int) -> np.ndarray:
+    """The ``count`` lowest-scored units, ``count / ranks`` from each rank's block.
+
+    >>> balanced_lowest(torch.tensor([0.1, 0.2, 0.8, 0.9, 0.3, 0.4]), 2, 2).tolist()  # not [0, 1]
+    [0, 4]
+    """
+    if count % ranks:
+        raise SelectionError(f"{count} units cannot be removed evenly from {ranks} ranks")
+    blocks = scores.detach().float().cpu().reshape(ranks, -1)
+    order = torch.argsort(blocks, dim=1, stable=True)[:, : count // ranks]
+    order += torch.arange(ranks).unsqueeze(1) * blocks.shape[1]
+    return np.sort(order.reshape(-1).numpy())
+
+
 def _module_names(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
 
@@ -155,6 +169,7 @@ def select(
     multiples: Mapping[int, int] | None = None,
     normalize: bool = True,
     keep_units: Mapping[int, int] | None = None,
+    balanced: Mapping[int, int] | None = None,
 ) -> dict[int, np.ndarray]:
     """Units to remove from each scored group: ``{group index: sorted unit ids}``.
 
@@ -166,6 +181,9 @@ def select(
     gives groups (by index) the number of units they keep instead of a ratio
     (iterative schedules that aim at a width of the original model); those
     groups are ranked on their own, outside any global ranking.
+    ``balanced`` maps groups to a number of equal blocks (tensor-parallel
+    ranks) that each lose the same number of units (:func:`balanced_lowest`);
+    ``multiples`` must make their counts divisible by it.
 
     Groups without scores, and groups with a member inside an ``ignored``
     module, are kept whole. ``uniform=True`` removes the same number of
@@ -219,6 +237,9 @@ def select(
                 removed[g.index] = lowest(scores[g.index], g.size - keep)
     if uniform:
         removed = _make_uniform(by_scope, scores, removed, step, min_units, graph)
+    for g, ranks in (balanced or {}).items():
+        if g in removed:
+            removed[g] = balanced_lowest(scores[g], len(removed[g]), ranks)
     return {g: units for g, units in removed.items() if units.size}
 
 

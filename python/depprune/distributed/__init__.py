@@ -1,10 +1,13 @@
 """Large and distributed models: plans applied where each tensor lives.
 
-Two layouts, one module each: :mod:`~depprune.distributed.accelerate`
+Three layouts, one module each: :mod:`~depprune.distributed.accelerate`
 (accelerate's ``device_map`` dispatch with CPU and disk offload: offloaded
 tensors are read for scoring and cut in their offload storage) and
 :mod:`~depprune.distributed.dtensor` (DTensor / FSDP2 shards: each rank cuts
-its shard, importance sums are reduced across ranks). The apply stage calls
+its shard, importance sums are reduced across ranks) and
+:mod:`~depprune.distributed.tensor_parallel` (tensor-parallel ranks: plans
+that keep every rank's share equal, per-rank checkpoint folders cut with
+:func:`apply_to_tp_shards`). The apply stage calls
 them per tensor kind, so ``plan.apply(model)`` is the same call for every
 layout. :func:`broadcast_plan` hands one rank's plan to every rank.
 
@@ -25,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from depprune.plan import Plan
 
-__all__ = ["broadcast_plan"]
+from depprune.distributed.tensor_parallel import TensorParallel, apply_to_tp_shards
+
+__all__ = ["TensorParallel", "apply_to_tp_shards", "broadcast_plan"]
 
 
 def broadcast_plan(plan: Plan | None, *, src: int = 0, group: Any = None) -> Plan:

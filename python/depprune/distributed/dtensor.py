@@ -93,6 +93,12 @@ def cut_dtensor(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch
             bounds = np.searchsorted(index.cpu().numpy(), starts)
             mine = index[bounds[rank] : bounds[rank + 1]] - int(starts[rank])
             counts = np.diff(bounds)
+            new_starts = _chunk_starts(index.numel(), ranks)
+            if np.array_equal(counts, np.diff(new_starts)):
+                # Every rank keeps exactly its new chunk (a tensor-parallel plan): no gather.
+                local = local.index_select(dim, mine)
+                shape[dim] = index.numel()
+                continue
             # The kept slices, padded to the largest count: all_gather needs equal sizes.
             piece = local.index_select(dim, mine).movedim(dim, 0)
             padded = piece.new_zeros((int(counts.max(initial=0)), *piece.shape[1:]))
@@ -100,7 +106,6 @@ def cut_dtensor(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch
             gathered = [torch.empty_like(padded) for _ in range(ranks)]
             all_gather(gathered, padded.contiguous(), group=mesh.get_group(mesh_dim))
             kept = torch.cat([part[:count] for part, count in zip(gathered, counts, strict=True)])
-            new_starts = _chunk_starts(index.numel(), ranks)
             start, stop = int(new_starts[rank]), int(new_starts[rank + 1])
             local = kept[start:stop].movedim(0, dim)
         shape[dim] = index.numel()
