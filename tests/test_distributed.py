@@ -179,11 +179,12 @@ def _fsdp_worker(rank: int, store_path: str, results: str) -> None:
             net(x).sum().backward()
             opt.step()
             opt.zero_grad()
-        # optimizers=[...] needs optimizer_state.py to cut DTensor state with cut_tensor.
-        plan.apply(model, verify=False)
-        plan.apply(plain, verify=False)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        plain_optimizer = torch.optim.Adam(plain.parameters(), lr=0.01)
+        # The optimizers go on: their Adam moments are cut with each parameter's own cut,
+        # on the sharded side as DTensors, so the next step must match the plain one.
+        plan.apply(model, verify=False, optimizers=[optimizer])
+        plan.apply(plain, verify=False, optimizers=[plain_optimizer])
+        moments = optimizer.state[model[0].weight]["exp_avg"]
+        moments_sharded = type(moments).__name__ == "DTensor" and list(moments.shape) == [7, 6]
         local_rows = model[0].weight.to_local().shape[0]
         equal_after_cut = torch.allclose(model(x), plain(x), atol=1e-6)
         for net, opt in ((model, optimizer), (plain, plain_optimizer)):
@@ -197,6 +198,7 @@ def _fsdp_worker(rank: int, store_path: str, results: str) -> None:
             local_rows=local_rows,
             equal_after_cut=bool(equal_after_cut),
             equal_after_step=bool(equal_after_step),
+            moments_sharded=bool(moments_sharded),
         )
         with open(os.path.join(results, f"{rank}.json"), "w") as f:
             json.dump(report, f)
@@ -232,5 +234,6 @@ def test_fsdp2_shards_are_cut_per_rank_and_training_continues():
         assert report["same_scores"]
         assert report["global_shape"] == [7, 6]
         assert report["equal_after_cut"] and report["equal_after_step"]
+        assert report["moments_sharded"]
     # torch.chunk's layout of 7 rows over two ranks: 4 and 3.
     assert [r["local_rows"] for r in reports] == [4, 3]
