@@ -102,7 +102,7 @@ def runs(checkpoint, plan_file, tmp_path_factory) -> Runs:
         "apply": ("apply", checkpoint, plan_file, "-o", work / "applied"),
         "prune": (
             "prune", checkpoint, "-o", work / "pruned", "--ratio", 0.25, "--kinds", "neurons",
-            "--save-plan", work / "pruned.npz", "--quiet",
+            "--tensor-parallel", 2, "--save-plan", work / "pruned.npz", "--quiet",
         ),
         "debug": ("inspect", missing, "--debug"),
     }  # fmt: skip
@@ -295,6 +295,9 @@ def test_prune_quietly_writes_the_checkpoint_and_its_plan(runs, checkpoint):
     work = runs.work
     plan = depprune.Plan.load(work / "pruned.npz")
     assert {g.kind for g in plan.groups if g.kept < g.size} == {"neurons"}
+    # Each of two tensor-parallel ranks keeps the same share of its neurons.
+    assert plan.choices["tensor_parallel"] == 2
+    depprune.distributed.TensorParallel(2).check(plan)
     assert_logits_of_plan(checkpoint, work / "pruned", plan)
 
 

@@ -31,6 +31,7 @@ from depprune.cli.options import (
     RoundTo,
     SeqLen,
     SrcDir,
+    TensorParallelSize,
     _calibration,
     _checked_output_file,
     _importance,
@@ -130,6 +131,7 @@ def _plan(
     importance: ImportanceName = "l2",
     round_to: RoundTo = None,
     global_ranking: GlobalRanking = False,
+    tensor_parallel: TensorParallelSize = None,
     calibration: Calibration = None,
     input_shape: InputShape = None,
     seq_len: SeqLen = 8,
@@ -146,7 +148,11 @@ def _plan(
     shape = _shape_option(input_shape)
     _checked_output_file(output)
     batches = _calibration(calibration)
-    extra = {"round_to": round_to, "global_ranking": global_ranking}
+    extra = {
+        "round_to": round_to,
+        "global_ranking": global_ranking,
+        "tensor_parallel": tensor_parallel,
+    }
     status = _console(stderr=True)
     with _status(status, f"planning {model}", not options.quiet):
         import depprune
@@ -238,6 +244,7 @@ def _prune(
     importance: ImportanceName = "l2",
     round_to: RoundTo = None,
     global_ranking: GlobalRanking = False,
+    tensor_parallel: TensorParallelSize = None,
     calibration: Calibration = None,
     input_shape: InputShape = None,
     seq_len: SeqLen = 8,
@@ -279,6 +286,7 @@ def _prune(
             seq_len=seq_len,
             round_to=round_to,
             global_ranking=global_ranking,
+            tensor_parallel=tensor_parallel,
         )
     if save_plan is not None:
         _record_choices(plan, src_dir, ratio, wanted, importance, round_to, global_ranking)

@@ -98,6 +98,15 @@ ImportanceName = Annotated[
 RoundTo = Annotated[
     int | None, typer.Option("--round-to", min=1, help="Keep a multiple of N units per group.")
 ]
+TensorParallelSize = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel",
+        min=1,
+        metavar="N",
+        help="Keep every one of N tensor-parallel ranks an equal share (from the tp_plan).",
+    ),
+]
 GlobalRanking = Annotated[
     bool, typer.Option("--global", help="Rank the groups of a scope together, not each alone.")
 ]
