@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 
 import pytest
 import torch
+from gloo_workers import run_workers
 from tiny_models import TINY_DECODER, tokens
 from torch import nn
 
@@ -207,29 +207,8 @@ def _fsdp_worker(rank: int, store_path: str, results: str) -> None:
 
 
 def test_fsdp2_shards_are_cut_per_rank_and_training_continues():
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    mp = pytest.importorskip("torch.multiprocessing")
     with tempfile.TemporaryDirectory() as folder:
-        context = mp.start_processes(
-            _fsdp_worker,
-            args=(os.path.join(folder, "store"), folder),
-            nprocs=2,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + 120
-        try:
-            while not context.join(timeout=5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the two gloo workers did not finish in 120 s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        reports = [json.load(open(os.path.join(folder, f"{r}.json"))) for r in range(2)]
+        reports = run_workers(_fsdp_worker, folder, limit_s=120)
     for report in reports:
         assert report["same_scores"]
         assert report["global_shape"] == [7, 6]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 
 import numpy as np
 import pytest
 import torch
+from gloo_workers import run_workers
 from tiny_models import tokens
 
 import depprune
@@ -279,30 +279,9 @@ def _tp_worker(rank: int, store_path: str, folder: str) -> None:
 
 
 def test_transformers_tensor_parallel_model_and_rank_folders_prune_alike():
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    mp = pytest.importorskip("torch.multiprocessing")
     with tempfile.TemporaryDirectory() as folder:
         _llama(3, tie_word_embeddings=True).save_pretrained(os.path.join(folder, "full"))
-        context = mp.start_processes(
-            _tp_worker,
-            args=(os.path.join(folder, "store"), folder),
-            nprocs=2,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + 180
-        try:
-            while not context.join(timeout=5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the two gloo workers did not finish in 180 s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        reports = [json.load(open(os.path.join(folder, f"{r}.json"))) for r in range(2)]
+        reports = run_workers(_tp_worker, folder, limit_s=180)
     for report in reports:
         assert report["refused"] and report["unchanged"]
         assert report["equal_in_memory"] and report["equal_after_step"]

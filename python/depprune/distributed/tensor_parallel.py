@@ -28,7 +28,6 @@ rank, a tensor at a time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -367,7 +366,6 @@ def apply_to_tp_shards(
     from depprune.io.checkpoint import Checkpoint
     from depprune.io.skeleton import load_skeleton, stored_as
     from depprune.io.streaming import (
-        CheckpointReport,
         _check_destination,
         _config_dict,
         _copy_other_files,
@@ -375,6 +373,7 @@ def apply_to_tp_shards(
         _with_changes,
         _write_index,
         _write_shards,
+        report_of,
     )
 
     if len(src_dirs) != len(out_dirs) or not src_dirs:
@@ -436,19 +435,9 @@ def apply_to_tp_shards(
                 _write_index(checkpoint.index, layout, folder)
             (folder / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
             copied, skipped = _copy_other_files(sources[rank], folder, set(checkpoint.headers))
-            pairs = [pair for shard in layout.values() for pair in shard]
             reports.append(
-                CheckpointReport(
-                    out_dir=os.fspath(outs[rank]),
-                    tensors=len(pairs),
-                    tensors_cut=len(cuts),
-                    bytes_read=read,
-                    bytes_written=written,
-                    params_before=sum(math.prod(source.shape) for source, _ in pairs),
-                    params_after=sum(math.prod(new.shape) for _, new in pairs),
-                    seconds=time.perf_counter() - started,
-                    copied=copied,
-                    skipped=skipped,
+                report_of(
+                    outs[rank], layout, len(cuts), (read, written), started, copied, skipped, []
                 )
             )
         for folder, out in zip(temporaries, outs, strict=True):

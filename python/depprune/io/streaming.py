@@ -195,13 +195,27 @@ def apply_to_checkpoint(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    return report_of(out, layout, len(cuts), (read, written), started, copied, skipped, unmatched)
+
+
+def report_of(
+    out: Path,
+    layout: Mapping[str, list[tuple[TensorEntry, TensorEntry]]],
+    tensors_cut: int,
+    read_written: tuple[int, int],
+    started: float,
+    copied: list[str],
+    skipped: list[str],
+    unmatched: list[str],
+) -> CheckpointReport:
+    """The report of one written folder, from its layout (source and output entries)."""
     pairs = [pair for shard in layout.values() for pair in shard]
     return CheckpointReport(
         out_dir=os.fspath(out),
         tensors=len(pairs),
-        tensors_cut=len(cuts),
-        bytes_read=read,
-        bytes_written=written,
+        tensors_cut=tensors_cut,
+        bytes_read=read_written[0],
+        bytes_written=read_written[1],
         params_before=sum(math.prod(source.shape) for source, _ in pairs),
         params_after=sum(math.prod(new.shape) for _, new in pairs),
         seconds=time.perf_counter() - started,
