@@ -1,4 +1,4 @@
-"""Plans applied where tensors live: accelerate offload (CPU, disk) and FSDP2 shards over gloo."""
+"""Plans made and applied where tensors live: accelerate offload (CPU, disk), FSDP2 shards over gloo."""
 
 from __future__ import annotations
 
@@ -173,6 +173,10 @@ def _fsdp_worker(rank: int, store_path: str, results: str) -> None:
         # 10 -> 7 and 7 -> 5 kept: uneven over two ranks.
         plan = depprune.make_plan(plain, x, ratio=0.3) if rank == 0 else None
         plan = broadcast_plan(plan)
+        # Planned on the sharded model itself: its meta shadow holds the global shapes.
+        same_plan_sharded = (
+            depprune.make_plan(model, x, ratio=0.3).fingerprint() == plan.fingerprint()
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
         plain_optimizer = torch.optim.Adam(plain.parameters(), lr=0.01)
         for net, opt in ((model, optimizer), (plain, plain_optimizer)):
@@ -199,6 +203,7 @@ def _fsdp_worker(rank: int, store_path: str, results: str) -> None:
             equal_after_cut=bool(equal_after_cut),
             equal_after_step=bool(equal_after_step),
             moments_sharded=bool(moments_sharded),
+            same_plan_sharded=bool(same_plan_sharded),
         )
         with open(os.path.join(results, f"{rank}.json"), "w") as f:
             json.dump(report, f)
@@ -213,6 +218,6 @@ def test_fsdp2_shards_are_cut_per_rank_and_training_continues():
         assert report["same_scores"]
         assert report["global_shape"] == [7, 6]
         assert report["equal_after_cut"] and report["equal_after_step"]
-        assert report["moments_sharded"]
+        assert report["moments_sharded"] and report["same_plan_sharded"]
     # torch.chunk's layout of 7 rows over two ranks: 4 and 3.
     assert [r["local_rows"] for r in reports] == [4, 3]

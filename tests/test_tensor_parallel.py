@@ -227,6 +227,9 @@ def _tp_worker(rank: int, store_path: str, folder: str) -> None:
 
         made = depprune.make_plan(plain, x, ratio=0.5, tensor_parallel=2) if rank == 0 else None
         plan = broadcast_plan(made)
+        # Planned on the TP model itself (its shadow has the global shapes): the same plan.
+        direct = depprune.make_plan(sharded, x, ratio=0.5, tensor_parallel=2)
+        same_plan_sharded = direct.fingerprint() == plan.fingerprint()
         plan.apply(plain)
         plan.apply(sharded)
         with torch.no_grad():
@@ -271,6 +274,7 @@ def _tp_worker(rank: int, store_path: str, folder: str) -> None:
             local_kv_rows=local_kv_rows,
             same_shards=bool(same_shards),
             shards_compared=len(written),
+            same_plan_sharded=bool(same_plan_sharded),
         )
         with open(os.path.join(folder, f"{rank}.json"), "w") as f:
             json.dump(report, f)
@@ -286,5 +290,6 @@ def test_transformers_tensor_parallel_model_and_rank_folders_prune_alike():
         assert report["refused"] and report["unchanged"]
         assert report["equal_in_memory"] and report["equal_after_step"]
         assert report["same_shards"] and report["shards_compared"] > 10
+        assert report["same_plan_sharded"]
     # Two KV heads of head_dim 8 kept: one per rank.
     assert [r["local_kv_rows"] for r in reports] == [8, 8]

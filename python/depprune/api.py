@@ -66,9 +66,9 @@ def trace(
     >>> [(g.kind, g.size, g.params_per_unit) for g in graph.groups()]
     [('neurons', 8, 7)]
     """
-    _refuse_sharded(model)
     with paused_gc():
         result = record(model, example_inputs, ignored=_ignored_modules(ignored), strict=strict)
+        _refuse_sharded(model, result.device)
         graph = result.equations.solve()
         graph.unsupported_ops = result.unsupported_ops
         graph.notes = result.notes
@@ -80,17 +80,19 @@ def trace(
     return graph
 
 
-def _refuse_sharded(model: Any) -> None:
-    """A model sharded into DTensors (FSDP2, tensor parallel) has no whole shapes to trace."""
+def _refuse_sharded(model: Any, traced_on: str) -> None:
+    """A sharded model (FSDP2, tensor parallel) is traced on its meta shadow, where every
+    DTensor has its global shape; traced as it is, its forward shows gathered shards."""
     from depprune.distributed.dtensor import is_dtensor
 
-    if isinstance(model, nn.Module) and any(is_dtensor(p) for p in model.parameters()):
+    sharded = isinstance(model, nn.Module) and any(is_dtensor(p) for p in model.parameters())
+    if sharded and traced_on != "meta":
         raise TraceError(
-            f"{type(model).__name__}'s parameters are DTensors (FSDP2 or tensor parallel), "
-            "whose forward shows gathered shards, not the named parameters; make the plan on "
-            "the unsharded model (or the same architecture on the meta device), hand it to "
-            "every rank with depprune.distributed.broadcast_plan and apply it there with "
-            "plan.apply(model, verify=False)"
+            f"{type(model).__name__}'s parameters are DTensors (FSDP2 or tensor parallel) and "
+            "its forward does not run on a meta shadow, so the trace would see gathered "
+            "shards, not the named parameters; make the plan on the unsharded model (or the "
+            "same architecture on the meta device), hand it to every rank with "
+            "depprune.distributed.broadcast_plan and apply it there"
         )
 
 

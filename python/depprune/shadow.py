@@ -47,6 +47,14 @@ def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
     return meta
 
 
+def _meta_whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain meta tensor of a DTensor's global shape (a Parameter for a parameter)."""
+    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(meta, requires_grad=tensor.requires_grad)
+    return meta
+
+
 def _tensor_attributes(value: Any, found: list[torch.Tensor], depth: int = 0) -> None:
     """Tensors held in plain attributes, lists, tuples and dicts (caches, masks)."""
     if isinstance(value, torch.Tensor):
@@ -84,6 +92,7 @@ def meta_shadow(model: nn.Module) -> nn.Module:
     deep-copied.
     """
     from depprune.distributed.accelerate import shadow_memo, strip_offload_hooks
+    from depprune.distributed.dtensor import is_dtensor, sharding_memo, strip_sharding
 
     # accelerate's hooks stay on the model; their weight maps stay out of the copy.
     memo: dict[int, Any] = shadow_memo(model)
@@ -100,6 +109,9 @@ def meta_shadow(model: nn.Module) -> nn.Module:
         for tensor in held:
             if id(tensor) in memo:
                 continue
+            if is_dtensor(tensor):
+                memo[id(tensor)] = _meta_whole(tensor)  # the global shape, as the module sees it
+                continue
             if (
                 tensor.layout is not torch.strided
                 or tensor.is_quantized
@@ -111,7 +123,8 @@ def meta_shadow(model: nn.Module) -> nn.Module:
                 )
             memo[id(tensor)] = _meta_like(tensor)
     try:
-        return strip_offload_hooks(copy.deepcopy(model, memo))
+        sharding_memo(model, memo)  # FSDP2's modules: plain twins, without its hooks
+        return strip_sharding(strip_offload_hooks(copy.deepcopy(model, memo)))
     except Exception as exc:
         raise ShadowError(f"the model cannot be copied ({type(exc).__name__}: {exc})") from exc
 

@@ -10,7 +10,12 @@ layout, which an uneven count of kept indices needs). After the swap,
 shard sizes, the all-gather layout) from the new shapes, the way FSDP2 does
 after a meta-device init, so training continues. :func:`dim_sums` gives the
 per-index sums an importance reads, each rank summing its shard and the
-sums reduced over the sharding ranks with ``all_reduce``.
+sums reduced over the sharding ranks with ``all_reduce``. For the trace,
+:func:`sharding_memo` and :func:`strip_sharding` let the meta shadow of a
+sharded model be a plain model of global shapes (FSDP2's modules as their
+own classes without its hooks, TP modules with their class's forward).
+When a rank keeps exactly its new chunk (a tensor-parallel plan), nothing
+is gathered.
 
 Without torch.distributed tensors in the process every function here is a
 no-op and nothing of torch.distributed is imported.
@@ -32,7 +37,15 @@ from torch import nn
 
 from depprune.errors import PlanMismatchError
 
-__all__ = ["cut_dtensor", "dim_sums", "is_dtensor", "refresh_sharded", "reshard_registered"]
+__all__ = [
+    "cut_dtensor",
+    "dim_sums",
+    "is_dtensor",
+    "refresh_sharded",
+    "reshard_registered",
+    "sharding_memo",
+    "strip_sharding",
+]
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -149,6 +162,63 @@ def dim_sums(
     for mesh_dim in sorted(set(sharded.values())):
         all_reduce(placed, op=ReduceOp.SUM, group=mesh.get_group(mesh_dim))
     return list(placed.split(list(tensor.shape)))
+
+
+def sharding_memo(model: nn.Module, memo: dict[int, object]) -> None:
+    """Add to a shadow's deep-copy ``memo`` plain twins of the modules FSDP2 wrapped.
+
+    FSDP2 refuses ``deepcopy`` and its hooks are methods of its per-module
+    state (process groups, all-gather buffers), meaningless on a meta copy:
+    each wrapped module's twin is its original class with a deep copy of its
+    attributes (``memo`` maps its DTensors to meta tensors), without those
+    hooks. Innermost first, so an outer twin's copy finds the inner ones.
+
+    >>> memo = {}
+    >>> sharding_memo(torch.nn.Linear(2, 2), memo)
+    >>> memo
+    {}
+    """
+    import copy
+
+    wrapped = _fsdp_modules(model)
+    if not wrapped:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in wrapped:
+        for hooks in (
+            module._forward_pre_hooks,
+            module._forward_pre_hooks_with_kwargs,
+            module._forward_hooks,
+            module._forward_hooks_with_kwargs,
+            module._forward_hooks_always_called,
+        ):
+            memo[id(hooks)] = type(hooks)()
+        for key, value in vars(module).items():
+            if key.startswith("__composable_api_state_key"):  # where FSDP2 keeps its state
+                memo[id(value)] = type(value)()
+    for module in reversed(wrapped):  # modules() lists parents before their children
+        plain = next(base for base in type(module).__bases__ if base is not FSDPModule)
+        twin = plain.__new__(plain)
+        memo[id(module)] = twin
+        twin.__dict__.update(copy.deepcopy(module.__dict__, memo))
+
+
+def strip_sharding(shadow: nn.Module) -> nn.Module:
+    """Make a shadow copy of a tensor-parallel model a plain one, in place: the forwards
+    that tensor parallelism installed on instances (transformers' ``tp_plan`` styles,
+    which redistribute DTensors) are dropped, so each module runs its class's forward.
+
+    >>> strip_sharding(torch.nn.Linear(2, 2)).__class__.__name__
+    'Linear'
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return shadow  # nothing of this process was ever sharded
+    for module in shadow.modules():
+        if getattr(module, "_is_hooked", False) and "forward" in vars(module):
+            del module.__dict__["forward"]  # the TP wrapper; the class's forward stays
+            del module.__dict__["_is_hooked"]
+    return shadow
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
