@@ -360,7 +360,8 @@ def apply_to_tp_shards(
     on the full model. Each rank's folder is written to ``out_dirs[r]`` a
     tensor at a time, cut with that rank's local indices, with the new
     ``config.json``. Every folder is checked (names, local shapes) before any
-    is written, and a failure leaves none of the outputs. Returns one
+    is written, and a failure while writing leaves none of the outputs (each
+    appears once all are complete). Returns one
     :class:`~depprune.io.CheckpointReport` per rank.
     """
     from depprune.io.checkpoint import Checkpoint
@@ -370,6 +371,8 @@ def apply_to_tp_shards(
         _config_dict,
         _copy_other_files,
         _layout,
+        _move_into_place,
+        _stored_folds,
         _with_changes,
         _write_index,
         _write_shards,
@@ -395,12 +398,14 @@ def apply_to_tp_shards(
     checkpoints = [Checkpoint(src) for src in sources]
     model = load_skeleton(sources[0])
     config_before = _config_dict(model)
+    wheres = [stored_as(model, checkpoint.names) for checkpoint in checkpoints]
+    # Value changes (a Gemma-style embedding scale) are elementwise: the same on every shard.
+    folds = [_stored_folds(model, plan, where) for where in wheres]
     plan.apply(model, verify=verify)  # proves the plan on the full architecture (meta)
     new_config = _with_changes(checkpoints[0].config, config_before, _config_dict(model))
     splits = {name: Split(*v) for name, v in plan.choices["tensor_parallel_splits"].items()}
     per_rank = []
-    for rank, checkpoint in enumerate(checkpoints):
-        where = stored_as(model, checkpoint.names)
+    for rank, (checkpoint, where) in enumerate(zip(checkpoints, wheres, strict=True)):
         local = tp.local_kept(plan, rank)
         cuts: dict[str, dict[int, np.ndarray]] = {}
         for (name, dim), kept in local.items():
@@ -429,7 +434,7 @@ def apply_to_tp_shards(
             folder.mkdir(parents=True)
             layout = _layout(checkpoint, cuts)
             read, written = _write_shards(
-                checkpoint, cuts, {}, layout, folder, progress=progress, callback=None
+                checkpoint, cuts, folds[rank], layout, folder, progress=progress, callback=None
             )
             if checkpoint.index is not None:
                 _write_index(checkpoint.index, layout, folder)
@@ -441,9 +446,7 @@ def apply_to_tp_shards(
                 )
             )
         for folder, out in zip(temporaries, outs, strict=True):
-            if out.exists():
-                shutil.rmtree(out)
-            os.rename(folder, out)
+            _move_into_place(folder, out)
     except BaseException:
         for folder in temporaries:
             shutil.rmtree(folder, ignore_errors=True)
