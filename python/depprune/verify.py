@@ -246,8 +246,12 @@ def replay_plan(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            apply_kept_indices(
-                twin, kept, attributes=attributes, widths=changed_widths(graph, keep)
+            apply_kept_indices(  # a twin made here: no optimizer holds its tensors
+                twin,
+                kept,
+                attributes=attributes,
+                widths=changed_widths(graph, keep),
+                warn_optimizers=False,
             )
     except Exception as exc:
         return Divergence(-1, f"applying the plan fails ({type(exc).__name__}: {exc})")

@@ -97,6 +97,7 @@ def apply_kept_indices(
     optimizers: Iterable[Optimizer] = (),
     attributes: Mapping[str, Mapping[str, int]] | None = None,
     widths: Mapping[int, Iterable[int]] | None = None,
+    warn_optimizers: bool = True,
 ) -> None:
     """Cut every (parameter or buffer, dim) of ``model`` down to its kept indices.
 
@@ -126,7 +127,8 @@ def apply_kept_indices(
     parameter's state is cut and repointed right after that parameter is
     swapped, so the optimizers always match the (maybe partly) cut model.
     Any other optimizer still holding a cut parameter afterwards gets a
-    warning naming it.
+    warning naming it (``warn_optimizers=False`` skips that search, for a copy
+    no optimizer can hold: the proof's shadow).
 
     >>> import numpy as np, torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
@@ -200,7 +202,8 @@ def apply_kept_indices(
         write_indexes([cut.mirror for cut in cuts if cut.mirror])
         refresh_sharded(model)
     _discard_staged(cuts)  # the backups of offloaded values the cut replaced
-    _warn_stale_optimizers(old_tensors)
+    if warn_optimizers:
+        _warn_stale_optimizers(old_tensors)
 
 
 def _warn_stale_optimizers(old_tensors: list[weakref.ref]) -> None:

@@ -292,8 +292,8 @@ def remap_optimizers(optimizers: Optimizer | Iterable[Optimizer], swaps: Iterabl
 def optimizers_referencing(tensors: Iterable[torch.Tensor]) -> list[tuple[Optimizer, int]]:
     """Every live optimizer that holds some of ``tensors``, with how many; never raises.
 
-    One pass over the objects Python's garbage collector tracks (tens of
-    milliseconds in a process with torch and transformers loaded), so
+    One pass in C over the objects Python's garbage collector tracks, for
+    the instances of every Optimizer class (a few milliseconds), so
     :func:`depprune.apply.apply_kept_indices` calls it only when a cut
     tensor outlived the cut. Any error gives an empty list: this only feeds
     a warning.
@@ -308,10 +308,12 @@ def optimizers_referencing(tensors: Iterable[torch.Tensor]) -> list[tuple[Optimi
         wanted = {id(tensor) for tensor in tensors}
         if not wanted:
             return []
-        objects = gc.get_objects()
+        # Instances of heap types refer to their class, so one walk in C over the
+        # referrers of every Optimizer class finds them (a Python pass over all objects
+        # took 0.15 s in a process with torchvision loaded).
+        classes = _subclasses(Optimizer)
         # type(), not isinstance(): some module proxies warn when asked for __class__.
-        found = [obj for obj in objects if issubclass(type(obj), Optimizer)]
-        del objects
+        found = [obj for obj in gc.get_referrers(*classes) if type(obj) in classes]
         seen: set[int] = set()
         result = []
         for optimizer in found:
@@ -330,6 +332,16 @@ def optimizers_referencing(tensors: Iterable[torch.Tensor]) -> list[tuple[Optimi
         return result
     except Exception:
         return []
+
+
+def _subclasses(cls: type) -> set[type]:
+    found, todo = {cls}, [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return found
 
 
 def caller_name(obj: object) -> str | None:
