@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gloo_workers import run_workers
-from tiny_models import tokens
+from tiny_models import TINY_DECODER, tokens
 
 import depprune
 from depprune.distributed import TensorParallel, apply_to_tp_shards
@@ -28,17 +28,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-# 8 query heads over 4 KV heads: two KV heads and their queries per rank.
-_CONFIG = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=8,
-    max_position_embeddings=64,
-)
+# The tiny decoder with 8 query heads over 4 KV heads: two KV heads and their queries per rank.
+_CONFIG = {
+    **TINY_DECODER,
+    "intermediate_size": 48,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+}
 
 
 def _llama(seed: int = 0, **overrides):
