@@ -191,6 +191,67 @@ def test_built_outputs_are_the_kernels(name):
         assert built.is_meta and not built._is_view()
 
 
+#: name -> (overload, width -> (args, kwargs)): calls whose outputs follow a layout formula.
+GENERIC = {
+    "unary": (aten.gelu.default, lambda w: ((meta(2, w, 3),), {})),
+    "in place, scalars": (aten.hardtanh_.default, lambda w: ((meta(1, w, 4, 4), 0.0, 6.0), {})),
+    "binary, one shape": (aten.add.Tensor, lambda w: ((meta(w, 5), meta(w, 5)), {"alpha": 2})),
+    "in place, one shape": (aten.mul_.Tensor, lambda w: ((meta(w, 5), meta(w, 5)), {})),
+    "bf16 comparison": (
+        aten.lt.Scalar,
+        lambda w: ((meta(w, 2, dtype=torch.bfloat16), 0.5), {}),
+    ),
+    "batch norm, eval": (
+        aten.native_batch_norm.default,
+        lambda w: ((meta(2, w, 4, 4), meta(w), meta(w), meta(w), meta(w), False, 0.1, 1e-5), {}),
+    ),
+    "batch norm of bf16 without affine, training": (
+        aten.native_batch_norm.default,
+        lambda w: (
+            (meta(2, w, 3, dtype=torch.bfloat16), None, None, None, None, True, 0.1, 1e-5),
+            {},
+        ),
+    ),
+    "layer norm": (
+        aten.native_layer_norm.default,
+        lambda w: ((meta(2, 3, w), [w], meta(w), meta(w), 1e-5), {}),
+    ),
+    "layer norm of bf16 over two dims": (
+        aten.native_layer_norm.default,
+        lambda w: ((meta(2, w, 6, dtype=torch.bfloat16), [w, 6], None, None, 1e-5), {}),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", GENERIC)
+def test_outputs_at_new_widths_follow_the_confirmed_formula(name):
+    func, make = GENERIC[name]
+    with configured(check=True):  # every built output is compared with the kernel's
+        outputs = MetaOutputs()
+        for width in (3, 5, 8):  # the first confirms the formula, the others are built
+            args, kwargs = make(width)
+            out = outputs.run(func, args, kwargs)
+            expected = func(*make(width)[0], **kwargs)
+            for built, kernel in zip(as_tuple(out), as_tuple(expected), strict=True):
+                assert metadata(built) == metadata(kernel)
+            if memoizable(func) == SELF:
+                assert out is args[0]
+    assert (outputs.ran, outputs.built) == (1, 2)
+
+
+def test_calls_outside_a_formula_run_their_kernels_and_fail_as_they_would():
+    outputs = MetaOutputs()
+    norm = aten.native_batch_norm.default
+    outputs.run(norm, (meta(2, 3, 4), meta(3), meta(3), meta(3), meta(3), False, 0.1, 1e-5), {})
+    with pytest.raises(RuntimeError):  # a weight the plan forgot to cut: the kernel refuses
+        outputs.run(norm, (meta(2, 5, 4), meta(4), meta(5), meta(5), meta(5), False, 0.1, 1e-5), {})
+    outputs.run(aten.add.Tensor, (meta(3, 4), meta(3, 4)), {})
+    for width in (5, 6):  # broadcasting, a transposed operand: no formula, the kernel runs
+        outputs.run(aten.add.Tensor, (meta(width, 4), meta(4)), {})
+        outputs.run(aten.add.Tensor, (meta(4, width).t(), meta(width, 4)), {})
+    assert outputs.built == 0
+
+
 def test_views_and_aliasing_ops_keep_running_their_kernels():
     outputs = MetaOutputs()
     x = meta(4, 6)
@@ -305,7 +366,17 @@ def resnet18():
     return torchvision.models.resnet18(num_classes=10).eval()
 
 
+def mobilenet_v2():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+
+
 MODELS = {
+    "mobilenet_v2 (widths change block after block)": (
+        mobilenet_v2,
+        lambda: torch.randn(1, 3, 32, 32),
+    ),
     "tiny llama": (tiny_llama, lambda: {"input_ids": tokens(seed=1)}),
     "resnet18": (resnet18, lambda: torch.randn(1, 3, 32, 32)),
     "resnet18, channels_last input": (

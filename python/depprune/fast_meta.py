@@ -23,6 +23,20 @@ strided, non-complex meta tensor. A pointwise in-place op (``add_``,
 ``self`` unchanged for that signature (the version counter is bumped above
 the dispatch mode, as before).
 
+A vision model changes its widths stage after stage, so exact signatures
+repeat less there. For ops whose output metadata follows from the input
+shapes by a known formula, :func:`generic_layout` also keys a call by its
+*structure* (the overload, every tensor's dtype, every other argument) when
+the call is in the formula's domain: pointwise ops whose tensor arguments
+all have one shape and contiguous strides (the output is contiguous of that
+shape; in place: ``self``), and ``native_batch_norm`` / ``native_layer_norm``
+on a contiguous input with per-channel (per-feature) parameters of exactly
+the normalised size. The first kernel call of a structure must give what
+the formula says (only its dtypes are learned); later calls of the structure
+at other widths are built from the formula. Arguments outside a formula's
+domain (a mis-sized weight, a broadcast) always run the kernel, so every
+error the kernel would raise is still raised.
+
 Switches: ``DEPPRUNE_FAST_META=0`` runs every kernel; with
 ``DEPPRUNE_CHECK_FAST_META=1`` every built output is compared with the
 kernel's (shape, dtype, strides, storage offset) and a difference raises
@@ -70,6 +84,7 @@ NEVER, FRESH, SELF = 0, 1, 2
 _UNREPEATABLE = None
 _ALIASED = False  # an output shares an input's storage
 _UNSEEN = object()
+_POINTWISE = torch.Tag.pointwise
 
 
 def enabled() -> bool:
@@ -157,6 +172,143 @@ def _metadata(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.dtype
 
 
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` has (a size-0 or size-1 dim steps like size 1)."""
+    strides = [1] * len(shape)
+    step = 1
+    for dim in range(len(shape) - 1, -1, -1):
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
+
+
+def _plain_meta(value: Any) -> bool:
+    return (
+        type(value) in _TENSOR_TYPES
+        and value.is_meta
+        and value.layout is _STRIDED
+        and value.dtype not in _COMPLEX
+    )
+
+
+def _dense(value: torch.Tensor) -> bool:
+    return value.storage_offset() == 0 and value.stride() == _contiguous(tuple(value.shape))
+
+
+def _structure(values: Any, key: list) -> bool:
+    """Append ``values`` to ``key`` with every tensor reduced to its dtype; False when a
+    value cannot be keyed (a tensor subclass, a tensor inside a list)."""
+    for value in values:
+        if type(value) in _TENSOR_TYPES:
+            key.append(value.dtype)
+        elif type(value) in (list, tuple):
+            if any(isinstance(v, torch.Tensor) for v in value):
+                return False
+            key.append(type(value))
+            key.extend(value)
+            key.append(_END)
+        elif isinstance(value, torch.Tensor):
+            return False
+        else:
+            key.append(type(value))
+            key.append(value)
+    return True
+
+
+#: (shape, strides) of each output, as a formula of the arguments.
+Layout = list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _pointwise_layout(args: tuple, kwargs: dict) -> Layout | None:
+    """Pointwise on tensors of one shape, all contiguous: one contiguous output of it."""
+    shape = None
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if not _plain_meta(value) or not _dense(value):
+                return None
+            if shape is None:
+                shape = tuple(value.shape)
+            elif tuple(value.shape) != shape:
+                return None  # broadcasting: the output's strides follow more rules
+    if shape is None:
+        return None
+    return [(shape, _contiguous(shape))]
+
+
+def _per_feature(values: Any, shape: tuple[int, ...]) -> bool:
+    """Each value is None or a contiguous meta tensor of exactly ``shape``."""
+    return all(
+        v is None or (_plain_meta(v) and tuple(v.shape) == shape and _dense(v)) for v in values
+    )
+
+
+def _batch_norm_layout(args: tuple, kwargs: dict) -> Layout | None:
+    """``native_batch_norm(input, weight, bias, mean, var, ...)``: the output like the
+    input (contiguous), the saved statistics one per channel."""
+    if kwargs or len(args) != 8 or not _plain_meta(args[0]) or not _dense(args[0]):
+        return None
+    shape = tuple(args[0].shape)
+    if len(shape) < 2 or not _per_feature(args[1:5], shape[1:2]):
+        return None
+    return [(shape, _contiguous(shape)), (shape[1:2], (1,)), (shape[1:2], (1,))]
+
+
+def _layer_norm_layout(args: tuple, kwargs: dict) -> Layout | None:
+    """``native_layer_norm(input, normalized_shape, weight, bias, eps)``: the output like
+    the input (contiguous), mean and rstd with the normalised dims kept as 1."""
+    if kwargs or len(args) != 5 or not _plain_meta(args[0]) or not _dense(args[0]):
+        return None
+    shape, normalized = tuple(args[0].shape), tuple(args[1])
+    axis = len(shape) - len(normalized)
+    if not normalized or axis < 0 or shape[axis:] != normalized:
+        return None
+    if not _per_feature(args[2:4], normalized):
+        return None
+    stats = shape[:axis] + (1,) * len(normalized)
+    return [(shape, _contiguous(shape)), (stats, _contiguous(stats)), (stats, _contiguous(stats))]
+
+
+_aten = torch.ops.aten
+#: Non-pointwise overloads with a layout formula, and the positions of size arguments that
+#: the formula checks (keyed by their length only, so that other widths share the structure).
+_LAYOUTS = {
+    _aten.native_batch_norm.default: (_batch_norm_layout, ()),
+    _aten.native_layer_norm.default: (_layer_norm_layout, (1,)),
+}
+
+
+def generic_layout(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, Layout] | None:
+    """The call's structure key and its outputs' (shape, strides) by formula, or None when
+    the call is outside every formula's domain (then only its exact signature repeats).
+
+    >>> x = torch.empty(4, 6, device="meta")
+    >>> key, layout = generic_layout(torch.ops.aten.gelu.default, (x,), {})
+    >>> layout
+    [((4, 6), (6, 1))]
+    >>> generic_layout(torch.ops.aten.gelu.default, (x.t(),), {}) is None  # not contiguous
+    True
+    """
+    formula, sizes = _LAYOUTS.get(func, (None, ()))
+    if formula is None:
+        if _POINTWISE not in func.tags:
+            return None
+        formula = _pointwise_layout
+    layout = formula(args, kwargs)
+    if layout is None:
+        return None
+    key: list = [func, torch.get_default_dtype()]
+    if sizes:
+        args = tuple(len(a) if i in sizes else a for i, a in enumerate(args))
+    if not _structure(args, key) or not _structure(kwargs.items(), key):
+        return None
+    try:
+        structure = tuple(key)
+        hash(structure)
+    except TypeError:
+        return None
+    return structure, layout
+
+
 class MetaOutputs:
     """Answers repeated ATen calls on meta tensors from the first call's outputs.
 
@@ -177,6 +329,9 @@ class MetaOutputs:
         self.check = CHECK
         self.policies: dict[Any, int] = {}
         self.outputs: dict[tuple, Any] = {}
+        #: Per call structure (:func:`generic_layout`): the outputs' dtypes, ``True`` for an
+        #: in-place op that returns ``self``, or ``_UNREPEATABLE``.
+        self.generic: dict[tuple, Any] = {}
         self.built = 0
         self.ran = 0
 
@@ -206,7 +361,7 @@ class MetaOutputs:
             self.ran += 1
             return func(*args, **kwargs)
         if spec is _UNSEEN:
-            return self._learn(func, args, kwargs, signature, policy)
+            return self._unseen(func, args, kwargs, signature, policy)
         if spec is _UNREPEATABLE:
             self.ran += 1
             return func(*args, **kwargs)
@@ -221,6 +376,38 @@ class MetaOutputs:
         else:
             shape, stride, dtype = spec
             out = torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+        if self.check:
+            _check(func, out, func(*args, **kwargs))
+        return out
+
+    def _unseen(self, func: Any, args: tuple, kwargs: dict, signature: tuple, policy: int) -> Any:
+        """A new signature: built from its structure's formula when that was confirmed, else
+        the kernel runs (and confirms the formula, or not, for later calls)."""
+        generic = generic_layout(func, args, kwargs)
+        if generic is None:
+            return self._learn(func, args, kwargs, signature, policy)
+        structure, layout = generic
+        known = self.generic.get(structure, _UNSEEN)
+        if known is _UNSEEN:
+            out = self._learn(func, args, kwargs, signature, policy)
+            self.generic[structure] = _confirmed(self.outputs[signature], layout, policy)
+            return out
+        if known is _UNREPEATABLE:
+            return self._learn(func, args, kwargs, signature, policy)
+        self.built += 1
+        if policy == SELF:
+            self.outputs[signature] = True
+            out = args[0]
+        else:
+            spec = [
+                (shape, stride, dtype) for (shape, stride), dtype in zip(layout, known, strict=True)
+            ]
+            self.outputs[signature] = spec if len(spec) > 1 else spec[0]
+            outs = tuple(
+                torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+                for shape, stride, dtype in spec
+            )
+            out = outs if len(outs) > 1 else outs[0]
         if self.check:
             _check(func, out, func(*args, **kwargs))
         return out
@@ -241,6 +428,22 @@ class MetaOutputs:
             self.outputs[signature] = _UNREPEATABLE
             self.policies[func] = NEVER
         return out
+
+
+def _confirmed(spec: Any, layout: Layout, policy: int) -> Any:
+    """What a structure's later calls get: the learned dtypes when the kernel's outputs
+    (``spec``, as learned for the exact signature) are the formula's layout, else
+    ``_UNREPEATABLE``."""
+    if policy == SELF:
+        return True if spec is True else _UNREPEATABLE
+    if spec is _UNREPEATABLE or spec is _ALIASED or spec is None:
+        return _UNREPEATABLE
+    specs = spec if type(spec) is list else [spec]
+    if len(specs) != len(layout) or any(
+        (shape, stride) != want for (shape, stride, _), want in zip(specs, layout, strict=True)
+    ):
+        return _UNREPEATABLE
+    return [dtype for _, _, dtype in specs]
 
 
 def _fresh_spec(out: Any, args: tuple, kwargs: dict) -> Any:
