@@ -151,6 +151,7 @@ def apply_kept_indices(
                 if cut.key == key:
                     cut.fold = fold
         attribute_changes += _named_attributes(model, attributes or {})
+        del view  # it holds the tensors being cut, which must not look held by someone else
         # Weak: a cut tensor alive after the cut is held elsewhere (maybe by an optimizer).
         old_tensors = [weakref.ref(cut.current()) for cut in cuts]
         if low_memory:
