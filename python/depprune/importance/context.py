@@ -19,7 +19,7 @@ per unit, on the CPU). The helpers here turn per-index values of each member
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +59,8 @@ class ScoreContext:
     owners: Mapping[str, nn.Module] = field(default_factory=dict)
 
     #: Per-dim sums of transformed tensors, computed once per (criterion, tensor).
-    _sums: dict[tuple[Hashable, int], list[torch.Tensor]] = field(default_factory=dict)
+    _sums: dict[tuple[Hashable, int], list[torch.Tensor | None]] = field(default_factory=dict)
+    _dims: dict[int, set[int]] | None = None
 
     def dim_sums(
         self, key: Hashable, tensor: torch.Tensor, dim: int, transform: Transform
@@ -71,9 +72,22 @@ class ScoreContext:
         float32 copy; ``key`` names the transform for the cache.
         """
         cached = self._sums.get((key, id(tensor)))
-        if cached is None:
-            cached = self._sums[(key, id(tensor))] = _all_dim_sums(tensor.detach(), transform)
+        if cached is None or cached[dim] is None:
+            # Only the dims some group cuts (a conv's kernel dims never are): a pass each.
+            dims = self._cut_dims().get(id(tensor), set()) | {dim}
+            cached = self._sums[(key, id(tensor))] = _all_dim_sums(tensor.detach(), transform, dims)
         return cached[dim]
+
+    def _cut_dims(self) -> dict[int, set[int]]:
+        """The dims of each tensor (by id) that belong to some group of the graph."""
+        if self._dims is None:
+            self._dims = {}
+            for group in self.graph.groups:
+                for name, dim in group.members:
+                    tensor = self.tensors.get(name)
+                    if tensor is not None:
+                        self._dims.setdefault(id(tensor), set()).add(dim)
+        return self._dims
 
     @classmethod
     def from_model(cls, graph: DependencyGraph, model: nn.Module) -> ScoreContext:
@@ -157,22 +171,30 @@ def _scatter_members(
     return scores
 
 
-def _all_dim_sums(tensor: torch.Tensor, transform: Transform) -> list[torch.Tensor]:
-    """For every dim d: ``transform(tensor)`` summed over all dims but d."""
+def _all_dim_sums(
+    tensor: torch.Tensor, transform: Transform, dims: Collection[int] | None = None
+) -> list[torch.Tensor | None]:
+    """For every dim d in ``dims`` (all by default): ``transform(tensor)`` summed over all
+    dims but d; None for the others."""
     if dtensor.is_dtensor(tensor):
         return dtensor.dim_sums(tensor, transform, _all_dim_sums)  # shard sums, all_reduced
     if tensor.dim() == 0:
         return []
+    wanted = range(tensor.dim()) if dims is None else sorted(dims)
     rows = tensor.shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, tensor[0].numel()))
-    sums = [torch.zeros(size, dtype=torch.float32, device=tensor.device) for size in tensor.shape]
+    sums: list[torch.Tensor | None] = [None] * tensor.dim()
+    for dim in wanted:
+        sums[dim] = torch.zeros(tensor.shape[dim], dtype=torch.float32, device=tensor.device)
     for start in range(0, rows, step):
         part = slice(start, min(rows, start + step))
         values = transform(tensor[part].to(torch.float32, copy=True), part)
-        sums[0][part] = values.reshape(values.shape[0], -1).sum(dim=1)
-        for dim in range(1, tensor.dim()):
-            others = [d for d in range(tensor.dim()) if d != dim]
-            sums[dim] += values.sum(dim=others)
+        for dim in wanted:
+            if dim == 0:
+                sums[0][part] = values.reshape(values.shape[0], -1).sum(dim=1)
+            else:
+                others = [d for d in range(tensor.dim()) if d != dim]
+                sums[dim] += values.sum(dim=others)
     return sums
 
 
