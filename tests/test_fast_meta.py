@@ -195,6 +195,7 @@ def test_built_outputs_are_the_kernels(name):
 GENERIC = {
     "unary": (aten.gelu.default, lambda w: ((meta(2, w, 3),), {})),
     "in place, scalars": (aten.hardtanh_.default, lambda w: ((meta(1, w, 4, 4), 0.0, 6.0), {})),
+    "in place, untagged": (aten.hardswish_.default, lambda w: ((meta(1, w, 4, 4),), {})),
     "binary, one shape": (aten.add.Tensor, lambda w: ((meta(w, 5), meta(w, 5)), {"alpha": 2})),
     "in place, one shape": (aten.mul_.Tensor, lambda w: ((meta(w, 5), meta(w, 5)), {})),
     "bf16 comparison": (
