@@ -24,10 +24,12 @@ runs the same code on the CPU (what CI-less checks of this script use).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -142,10 +144,13 @@ def main() -> int:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--json", help="also write the measured figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: nothing measured (run this where a GPU is lent)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": None}) + "\n")
         return 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,6 +188,19 @@ def main() -> int:
         ("depprune.prune end to end", f"{prune_seconds:.3f} s ({report.params_after / 1e9:.2f} B parameters kept)"),
         ("peak device memory", peak),
     ]  # fmt: skip
+    if args.json:
+        figures = {
+            "device": name,
+            "weight_bytes": total,
+            "copy_seconds": copy_seconds,
+            "score_seconds": score_seconds,
+            "kept_copy_seconds": kept_copy_seconds,
+            "apply_seconds": apply_seconds,
+            "prune_seconds": prune_seconds,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        }
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     width = max(len(k) for k, _ in rows)
     print(f"\n{name}: Llama with hidden {args.hidden}, {args.layers} layers\n")
     for key, value in rows:

@@ -236,6 +236,24 @@ def run_torch_pruning(task: str, model, tokens) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, "phases": phases}
 
 
+def run_copy_floor(model) -> dict[str, Any]:
+    """The memory floor of a cut: plain torch copies of every weight (read + write), best of
+    two passes; each destination is allocated once, outside the timing."""
+    import torch
+
+    params = [p.detach() for p in model.parameters()]
+    buffers: dict[tuple, torch.Tensor] = {}
+    for param in params:
+        buffers.setdefault((tuple(param.shape), param.dtype), torch.empty_like(param))
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for param in params:
+            buffers[(tuple(param.shape), param.dtype)].copy_(param)
+        best = min(best, time.perf_counter() - start)
+    return {"seconds": best, "copied_bytes": 2 * model_bytes(model)}
+
+
 def set_threads() -> None:
     import torch
 
@@ -260,10 +278,12 @@ def child(spec: dict[str, Any]) -> None:
     print(READY, flush=True)
     if spec["library"] == "depprune":
         out |= run_depprune(spec["task"], model, tokens)
+    elif spec["library"] == "floor":
+        out |= run_copy_floor(model)
     else:
         out |= run_torch_pruning(spec["task"], model, tokens)
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if spec["task"] != "analysis" and not tokens.is_meta:
+    if spec["task"] not in ("analysis", "copy") and not tokens.is_meta:
         # Not timed: the pruned model must still run and say how big it is.
         out["params_after"] = count_params(model)
         layer = model.model.layers[0]

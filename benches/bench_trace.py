@@ -382,6 +382,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, metavar="LAYERS", help="profile one trace")
     parser.add_argument("--top", type=int, default=30, help="functions shown by --profile")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="what is timed")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON written (default results/bench_trace.json; with --quick: none)",
+    )
     args = parser.parse_args(argv)
     global clock
     clock = CLOCKS[args.clock]
@@ -407,14 +413,14 @@ def main(argv: list[str] | None = None) -> None:
     big = None if args.quick else measure_70b(max(2, args.repeat // 2))
     if big is not None:
         print_70b(big)
-    if args.quick:
+    if args.quick and args.out is None:
         return
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "bench_trace.json"
+    path = args.out or RESULTS / "bench_trace.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"versions": info, "w256": rows, "llama3_70b": big, "shape": W256}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
-    plot(rows, RESULTS / "trace.png")
+    plot(rows, path.with_name("trace.png"))
 
 
 if __name__ == "__main__":
