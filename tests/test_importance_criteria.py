@@ -554,3 +554,24 @@ def test_make_plan_removes_the_lowest_units_of_each_criterion_and_the_cut_model_
     else:
         columns = (4 * kept[:, None] + np.arange(4)).reshape(-1)
         torch.testing.assert_close(model.fc.weight, before[:, columns])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(9, 7), (6, 4, 3, 3), (3000, 700), (5, 1), (1, 6)])
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_per_dim_sums_of_the_core_match_torch(dtype, shape, p):
+    """|x|^p summed over all dims but one: the core's one-pass kernel (p 1 and 2 on
+    float32 and bfloat16, threads for big tensors) agrees with torch's reductions."""
+    from depprune.importance.context import Power, _all_dim_sums
+
+    torch.manual_seed(0)
+    tensor = torch.randn(*shape).to(dtype)
+    sums = _all_dim_sums(tensor, Power(p))
+    values = tensor.double().abs() ** p
+    for dim in range(tensor.dim()):
+        others = [d for d in range(tensor.dim()) if d != dim]
+        expected = values.sum(dim=others).float()
+        assert sums[dim].dtype == torch.float32 and sums[dim].shape == expected.shape
+        torch.testing.assert_close(sums[dim], expected, rtol=2e-5, atol=1e-6)
+    only = _all_dim_sums(tensor, Power(p), {1})
+    assert only[0] is None and torch.equal(only[1], sums[1])

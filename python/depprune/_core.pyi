@@ -5,7 +5,7 @@ from typing import final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MAX_AXIS_SIZE", "Analysis", "analyze"]
+__all__ = ["MAX_AXIS_SIZE", "Analysis", "analyze", "power_sums", "take_rows_columns"]
 
 _I64 = npt.NDArray[np.int64]
 
@@ -42,3 +42,19 @@ def analyze(
     row_dims: _I64,
     row_axes: _I64,
 ) -> Analysis: ...
+def power_sums(
+    data: npt.NDArray[np.uint16] | npt.NDArray[np.float32],
+    rows: int,
+    cols: int,
+    power: int,
+    threads: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def take_rows_columns(
+    source: npt.NDArray[np.integer],
+    cols_total: int,
+    inner: int,
+    rows: _I64 | None,
+    cols: _I64,
+    out: npt.NDArray[np.integer],
+    threads: int,
+) -> None: ...

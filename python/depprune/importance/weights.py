@@ -23,7 +23,7 @@ from torch import nn
 
 from depprune.errors import ImportanceError
 from depprune.graph import Group
-from depprune.importance.context import Importance, ScoreContext, _scatter_members
+from depprune.importance.context import Importance, Power, ScoreContext, _scatter_members
 
 __all__ = ["batchnorm_scale", "magnitude", "random"]
 
@@ -38,10 +38,7 @@ def magnitude(p: float = 2) -> Importance:
     if not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
         raise ImportanceError(f"magnitude needs a finite p > 0 (1: L1, 2: L2); got {p!r}")
 
-    def power(rows: torch.Tensor, _: slice) -> torch.Tensor:
-        if p == 2:
-            return rows.mul_(rows)
-        return rows.abs_() if p == 1 else rows.abs_().pow_(p)
+    power = Power(p)
 
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         def per_index(name: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:

@@ -56,6 +56,7 @@ from depprune.apply import named_tensors
 from depprune.errors import MethodError
 from depprune.graph import DependencyGraph, Group
 from depprune.importance import ScoreContext, _scatter_members, magnitude
+from depprune.importance.context import Power
 from depprune.selection import Scope, check_ratios
 
 __all__ = ["Producer", "filter_l1", "producers", "prune", "residual_groups"]
@@ -254,8 +255,7 @@ def residual_groups(graph: DependencyGraph, model: nn.Module) -> dict[int, str]:
     return found
 
 
-def _absolute(rows: torch.Tensor, _: slice) -> torch.Tensor:
-    return rows.abs_()
+_absolute = Power(1)
 
 
 def filter_l1(group: Group, ctx: ScoreContext) -> torch.Tensor:

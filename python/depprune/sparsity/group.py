@@ -82,6 +82,7 @@ from depprune.apply import named_tensors
 from depprune.errors import ImportanceError, MethodError
 from depprune.graph import DependencyGraph, Group
 from depprune.importance import Importance, ScoreContext
+from depprune.importance.context import Power
 from depprune.kinds import KINDS
 
 __all__ = ["GROUPINGS", "GroupRegularizer", "unwrapped"]
@@ -440,8 +441,7 @@ def group_norm(grouping: str = "full") -> Importance:
     if grouping not in GROUPINGS:
         raise MethodError(f"grouping is {grouping!r}; choose one of {', '.join(GROUPINGS)}")
 
-    def squares(rows: torch.Tensor, _: slice) -> torch.Tensor:
-        return rows.mul_(rows)
+    squares = Power(2)
 
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         chosen: list[tuple[str, int, torch.Tensor, object]] = []

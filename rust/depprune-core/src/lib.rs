@@ -27,12 +27,16 @@
 mod analysis;
 mod builder;
 mod error;
+mod gather;
 mod input;
 mod rope;
 mod structure;
+mod sums;
 mod unify;
 
 pub use analysis::{analyze, Analysis};
 pub use builder::EquationBuilder;
 pub use error::CoreError;
+pub use gather::take_rows_columns;
 pub use input::{EquationKind, EquationSet, ParamTable, MAX_AXIS_SIZE};
+pub use sums::{power_sums, Bf16, Element, Power, BLOCK_ROWS};

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use depprune_core::{CoreError, EquationSet, ParamTable};
+use depprune_core::{Bf16, CoreError, EquationSet, ParamTable, Power};
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -118,6 +118,7 @@ fn run_core<T: Send>(
 }
 
 type Csr<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
+type Sums<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>);
 
 #[pymodule]
 mod _core {
@@ -237,6 +238,114 @@ mod _core {
         fn describe_axis(&self, py: Python<'_>, axis: i64) -> PyResult<String> {
             run_core(py, || self.inner.describe_axis(axis))
         }
+    }
+
+    /// Sums of `|x|` (`power=1`) or `x^2` (`power=2`) over every row and every column of
+    /// `data`, a row-major `rows x cols` matrix given flat as float32 or as the bits of
+    /// bfloat16 (uint16); float64 results. Read once, without the GIL, on `threads`.
+    #[pyfunction]
+    fn power_sums<'py>(
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        rows: usize,
+        cols: usize,
+        power: u8,
+        threads: usize,
+    ) -> PyResult<Sums<'py>> {
+        let power = match power {
+            1 => Power::Abs,
+            2 => Power::Square,
+            _ => {
+                let message =
+                    format!("power_sums sums |x| (power=1) or x^2 (power=2), not {power}");
+                return Err(depprune_error(py, "ImportanceError", message));
+            }
+        };
+        let (row_sums, col_sums) = if let Ok(bits) = data.cast::<PyArray1<u16>>() {
+            let bits = bits.try_readonly()?;
+            let values = slice(&bits);
+            check_len(py, values.len(), rows, cols)?;
+            // SAFETY: Bf16 is a repr(transparent) u16, so the slice is read in place.
+            let halves: &[Bf16] =
+                unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<Bf16>(), values.len()) };
+            run_core(py, || {
+                Ok(depprune_core::power_sums(
+                    halves, rows, cols, power, threads,
+                ))
+            })?
+        } else {
+            let floats = array_arg::<f32>(data, "data", "ImportanceError")?;
+            let values = slice(&floats);
+            check_len(py, values.len(), rows, cols)?;
+            run_core(py, || {
+                Ok(depprune_core::power_sums(
+                    &values, rows, cols, power, threads,
+                ))
+            })?
+        };
+        Ok((row_sums.into_pyarray(py), col_sums.into_pyarray(py)))
+    }
+
+    /// `out = source[rows][:, cols]` over a row-major tensor flattened to 1-d (`cols_total`
+    /// columns of `inner` elements; `rows=None` keeps every row), `source` and `out` of
+    /// one integer dtype of the element's size (uint8, int16, int32, int64). Without the
+    /// GIL, on `threads`.
+    #[pyfunction]
+    #[pyo3(signature = (source, cols_total, inner, rows, cols, out, threads))]
+    #[allow(clippy::too_many_arguments)]
+    fn take_rows_columns<'py>(
+        py: Python<'py>,
+        source: &Bound<'py, PyAny>,
+        cols_total: usize,
+        inner: usize,
+        rows: Option<&Bound<'py, PyAny>>,
+        cols: &Bound<'py, PyAny>,
+        out: &Bound<'py, PyAny>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let rows = rows
+            .map(|r| array_arg::<i64>(r, "rows", "InvalidPlanError"))
+            .transpose()?;
+        let rows = rows.as_ref().map(slice);
+        let cols = array_arg::<i64>(cols, "cols", "InvalidPlanError")?;
+        let cols = slice(&cols);
+        macro_rules! take {
+            ($t:ty) => {
+                if let (Ok(src), Ok(dst)) =
+                    (source.cast::<PyArray1<$t>>(), out.cast::<PyArray1<$t>>())
+                {
+                    let src = src.try_readonly()?;
+                    let mut dst = dst.try_readwrite()?;
+                    let src = src.as_slice()?;
+                    let dst = dst.as_slice_mut()?;
+                    let rows = rows.as_deref();
+                    return run_core(py, || {
+                        depprune_core::take_rows_columns(
+                            src, cols_total, inner, rows, &cols, dst, threads,
+                        )
+                    });
+                }
+            };
+        }
+        take!(u8);
+        take!(i16);
+        take!(i32);
+        take!(i64);
+        Err(depprune_error(
+            py,
+            "InvalidPlanError",
+            "take_rows_columns needs contiguous 1-d source and out arrays of one dtype: \
+             uint8, int16, int32 or int64"
+                .to_string(),
+        ))
+    }
+
+    fn check_len(py: Python<'_>, len: usize, rows: usize, cols: usize) -> PyResult<()> {
+        if rows.checked_mul(cols) == Some(len) {
+            return Ok(());
+        }
+        let message = format!("power_sums got {len} values for a {rows} x {cols} matrix");
+        Err(depprune_error(py, "ImportanceError", message))
     }
 
     /// Validate and unify axis equations; returns the Analysis.
