@@ -127,7 +127,8 @@ def measure_trace(out: Path, quick: bool) -> tuple[list[dict], dict]:
         )
         rows.append(
             row(
-                f"`trace`, Llama width 256, {layers:,} layers ({r['ops']:,} ops)",
+                f"`trace`, Llama width 256, {layers:,} layers ({r['ops']:,} ops; one thread, "
+                "CPU time)",
                 traced,
                 floor,
                 name,
@@ -279,7 +280,7 @@ def measure_vision(out: Path, quick: bool) -> tuple[list[dict], dict]:
     best = max(both, key=lambda r: r["speedup"])
     rows = [
         row(
-            f"{len(both)} torchvision models: whole 50% prune, median of the ratios",
+            f"{len(both)} torchvision models, one thread: whole 50% prune, median of the ratios",
             ours,
             theirs,
             "Torch-Pruning (`MetaPruner` + `step`)",
