@@ -423,6 +423,7 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -442,6 +443,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.barh(range(len(shown)), scores, color=colors)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("measured against target (right of 1: met)")
