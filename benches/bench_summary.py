@@ -201,20 +201,20 @@ def measure_llm(quick: bool) -> tuple[list[dict], list[dict]]:
     def seconds(result: dict) -> float | None:
         return result.get("seconds") if result["status"] == "ok" else None
 
-    def failed(result: dict) -> str:
-        return "" if result["status"] == "ok" else f"Torch-Pruning: {result['status']}"
-
-    rows = [
-        row(
-            f"{label}, {layers} layers: analysis (graph + groups)",
-            seconds(ours_a),
-            seconds(theirs_a),
+    def against_peer(what: str, ours: dict, theirs: dict) -> dict[str, Any]:
+        """A row of depprune against Torch-Pruning on the same task: at least 10x faster."""
+        failed = "" if theirs["status"] == "ok" else f"Torch-Pruning: {theirs['status']}"
+        return row(
+            what,
+            seconds(ours),
+            seconds(theirs),
             "Torch-Pruning",
             higher_is_better=True,
             target=10,
-            note=failed(theirs_a),
+            note=failed,
         )
-    ]
+
+    rows = [against_peer(f"{label}, {layers} layers: analysis (graph + groups)", ours_a, theirs_a)]
     if low["status"] == "ok" and copy["status"] == "ok":
         total = low["model_bytes"]
         kept = total * low["params_after"] / low["params_before"]
@@ -248,17 +248,7 @@ def measure_llm(quick: bool) -> tuple[list[dict], list[dict]]:
         rows.append(
             row(f"{label}: 50% prune, `low_memory=True`", None, None, "", note=low["status"])
         )
-    rows.append(
-        row(
-            f"{label} width, {fewer} layers: 50% prune",
-            seconds(ours_p),
-            seconds(theirs_p),
-            "Torch-Pruning",
-            higher_is_better=True,
-            target=10,
-            note=failed(theirs_p),
-        )
-    )
+    rows.append(against_peer(f"{label} width, {fewer} layers: 50% prune", ours_p, theirs_p))
     return rows, raw
 
 
