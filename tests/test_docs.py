@@ -33,6 +33,7 @@ MODULES = [
     "depprune.apply.containers",
     "depprune.structure",
     "depprune.experts",
+    "depprune.expert_widths",
     "depprune.depth",
     "depprune.structural_selection",
     "depprune.distributed",

@@ -605,3 +605,17 @@ def test_an_expert_count_equal_to_another_field_changes_only_the_count():
     remove_experts(model, expert_cuts(model, layers, {x.name: [1] for x in layers}))
     after = model.config.to_dict()
     assert {k: after[k] for k in before if before[k] != after[k]} == {"num_local_experts": 1}
+
+
+def test_deepseek_dense_shared_and_routed_widths_each_get_their_field(tmp_path, recwarn):
+    # One MLP class for the dense layer and the shared experts, sized by two fields: the
+    # fixer's one field looks uneven, and the rebuild search finds the two.
+    import depprune
+
+    model = make("deepseek_v3")
+    plan = depprune.make_plan(model, TOKENS, ratio=0.5, kinds=("neurons",), progress=False)
+    plan.apply(model)
+    assert not [w for w in recwarn if issubclass(w.category, ConfigWarning)]
+    assert (model.config.intermediate_size, model.config.moe_intermediate_size) == (24, 8)
+    assert model.model.layers[1].mlp.shared_experts.down_proj.in_features == 8
+    assert_generates_and_reloads(model, TOKENS, tmp_path)

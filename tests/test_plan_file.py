@@ -334,8 +334,8 @@ def test_a_version_2_file_loads_and_applies(tmp_path):
 
 def test_a_file_from_a_newer_depprune_says_to_upgrade(tmp_path):
     depprune.make_plan(mlp(), torch.zeros(1, 3), ratio=0.5).save(tmp_path / "plan.npz")
-    meta = meta_of(tmp_path / "plan.npz") | {"version": 4}
-    summary = read_summary(tmp_path / "plan.npz") | {"version": 4}
+    meta = meta_of(tmp_path / "plan.npz") | {"version": 5}
+    summary = read_summary(tmp_path / "plan.npz") | {"version": 5}
     newer = rewritten(
         tmp_path / "plan.npz",
         tmp_path / "newer.npz",
@@ -343,7 +343,7 @@ def test_a_file_from_a_newer_depprune_says_to_upgrade(tmp_path):
         summary_json=json.dumps(summary).encode(),
     )
     for read in (Plan.load, read_summary):
-        with pytest.raises(InvalidPlanError, match=r"plan file version 4.*upgrade depprune"):
+        with pytest.raises(InvalidPlanError, match=r"plan file version 5.*upgrade depprune"):
             read(newer)
 
 

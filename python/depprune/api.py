@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from depprune._gc import paused_gc
 from depprune.apply.optimizer_state import checked_optimizers
 from depprune.distributed.tensor_parallel import TensorParallel
 from depprune.errors import PlanMismatchError, SelectionError, TraceError
+from depprune.expert_widths import expert_width_groups, per_expert_kept
 from depprune.graph import DependencyGraph
 from depprune.importance import Importance, ScoreContext, magnitude, score_groups
 from depprune.kinds import KINDS, _is_hidden_norm, group_kinds, params_per_unit
@@ -220,6 +221,7 @@ def make_plan(
     target: Mapping[str, float | str] | None = None,
     target_options: Mapping[str, Any] | None = None,
     tensor_parallel: Any = None,
+    per_expert: bool | Callable[..., Any] = False,
 ) -> Plan:
     """Choose what to remove from ``model`` without changing it; ``plan.apply(model)`` cuts.
 
@@ -258,6 +260,13 @@ def make_plan(
     ``top``, ``score_fn``, ``calibration``, ``rank``, ``kv_cache``), and
     ``plan.budget`` holds the search's result (``print(plan.budget)``: the
     best candidates as a table).
+
+    ``per_expert=True`` lets each routed expert of a fused MoE tensor keep its
+    own neurons (each as many as the plan keeps; by their L2 magnitude within
+    the expert, or a function of an :class:`~depprune.expert_widths.ExpertWidthGroup`
+    and the score context giving ``[experts, units]`` scores) instead of the
+    same slots in every expert: ``plan.per_expert`` (:mod:`depprune.expert_widths`).
+    Not with ``tensor_parallel``.
 
     ``tensor_parallel=N`` (or a
     :class:`~depprune.distributed.tensor_parallel.TensorParallel` with its own
@@ -309,6 +318,17 @@ def make_plan(
             layer_importance=layer_importance,
             expert_importance=expert_importance,
             tensor_parallel=tensor_parallel,
+            per_expert=per_expert,
+        )
+    if per_expert and tensor_parallel is not None:
+        raise SelectionError(
+            "per_expert and tensor_parallel do not combine: a rank's shard cannot keep other "
+            "neurons in each expert; choose one"
+        )
+    if not (isinstance(per_expert, bool) or callable(per_expert)):
+        raise SelectionError(
+            f"per_expert must be True, False or a function of (group, context) giving "
+            f"[experts, units] scores; got {type(per_expert).__name__}"
         )
     parallel = TensorParallel.of(tensor_parallel) if tensor_parallel is not None else None
     wanted = _check_kinds(kinds)
@@ -422,6 +442,13 @@ def make_plan(
             for g in graph.groups
         ]
         plan = Plan.from_kept(model, graph.kept_indices(removed), choices)
+        if per_expert:
+            plan.per_expert = per_expert_kept(
+                expert_width_groups(graph, model),
+                {c.index: c.kept for c in choices},
+                ctx,
+                None if per_expert is True else per_expert,
+            )
         plan.structure = cuts
         plan.removed = {g: np.asarray(u, dtype=np.int64) for g, u in removed.items()}
         plan.attributes = attributes
@@ -455,6 +482,8 @@ def make_plan(
             "ignored_modules": len(ignored),
             "keep_units": len(keep_units or {}),
         }
+        if per_expert:
+            plan.choices["per_expert"] = getattr(per_expert, "__name__", "l2_expert_magnitude")
         if parallel is not None:
             parallel.record(plan, model)
         if structural:
@@ -485,6 +514,7 @@ def _plan_for_target(
     layer_importance: Any,
     expert_importance: Any,
     tensor_parallel: Any,
+    per_expert: Any,
     **common: Any,
 ) -> Plan:
     """make_plan with the widths a budget search chose for ``target``."""
@@ -540,6 +570,7 @@ def _plan_for_target(
         progress=common["progress"],
         verify=common["verify"],
         tensor_parallel=tensor_parallel,
+        per_expert=per_expert,
         **kwargs,
     )
     plan.choices["target"] = {key: str(value) for key, value in target.items()}

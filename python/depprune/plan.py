@@ -53,9 +53,10 @@ __all__ = ["GroupChoice", "Plan", "architecture_of", "read_summary"]
 
 ParamDim = tuple[str, int]
 _FORMAT = "depprune-plan"
-_VERSION = 3
-#: The plan file versions this depprune reads (3 added structural cuts: layers, experts).
-_READS = (1, 2, 3)
+_VERSION = 4
+#: The plan file versions this depprune reads (3 added structural cuts: layers, experts;
+#: 4 per-expert indices). A plan without per-expert indices is written as version 3.
+_READS = (1, 2, 3, 4)
 _SUMMARY = "summary.json"
 #: A summary.json claiming more is forged (a real one holds a few lines per group).
 _MAX_SUMMARY_BYTES = 64 * 2**20
@@ -117,6 +118,11 @@ class Plan:
     depprune_version: str | None = None
     #: Whole layers and experts removed (:mod:`depprune.structure`); empty for width plans.
     structure: StructuralCuts = field(default_factory=StructuralCuts)
+    #: Fused expert tensors whose experts each keep their own indices (made by
+    #: ``make_plan(..., per_expert=True)``, :mod:`depprune.expert_widths`): (name, dim) ->
+    #: ``[experts, kept]``, row ``e`` cut from slice ``e``; ``kept`` holds the uniform
+    #: choice of as many indices, which sizes and proves the shapes.
+    per_expert: dict[ParamDim, np.ndarray] = field(default_factory=dict)
     #: The budget search's result when make_plan was given a target (its table); not saved.
     budget: Any = field(default=None, repr=False, compare=False)
     #: (plan fingerprint, model class) of the proof make_plan ran; not saved.
@@ -192,6 +198,9 @@ class Plan:
         for (name, dim), indices in sorted(self.kept.items()):
             digest.update(f"{name}\0{dim}\0{self.shapes.get(name)}\0".encode())
             digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+        for (name, dim), rows in sorted(self.per_expert.items()):
+            digest.update(f"per expert\0{name}\0{dim}\0{rows.shape}\0".encode())
+            digest.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
     def mark_proved(self, model: nn.Module) -> None:
@@ -217,6 +226,25 @@ class Plan:
                 raise InvalidPlanError(
                     f"the kept indices of {name!r} dim {dim} must be sorted, unique and in "
                     f"[0, {shape[dim]}); the plan file may be corrupt"
+                )
+        for (name, dim), rows in self.per_expert.items():
+            planned, shape = self.kept.get((name, dim)), self.shapes.get(name)
+            if (
+                planned is None
+                or shape is None
+                or dim == 0
+                or rows.ndim != 2
+                or rows.shape != (shape[0], planned.size)
+            ):
+                raise InvalidPlanError(
+                    f"the per-expert indices of {name!r} dim {dim} must be [experts, kept] "
+                    "with as many kept as the plan's kept indices of that dim; the plan file "
+                    "may be corrupt"
+                )
+            if rows.min() < 0 or rows.max() >= shape[dim] or np.any(np.diff(rows, axis=1) <= 0):
+                raise InvalidPlanError(
+                    f"the per-expert indices of {name!r} dim {dim} must be sorted, unique and in "
+                    f"[0, {shape[dim]}) in every row; the plan file may be corrupt"
                 )
         self.structure.validate(
             None
@@ -308,7 +336,7 @@ class Plan:
         if not self.structure:
             apply_kept_indices(
                 model,
-                self.kept,
+                {**self.kept, **self.per_expert},
                 low_memory=low_memory,
                 optimizers=optimizers,
                 attributes=self.attributes,
@@ -319,7 +347,8 @@ class Plan:
 
         def cut_tensors(rename) -> None:
             kept = {}
-            for (name, dim), indices in [*self.kept.items(), *cuts.tensors.items()]:
+            own = [*self.kept.items(), *self.per_expert.items(), *cuts.tensors.items()]
+            for (name, dim), indices in own:
                 new = rename(name)
                 if new is not None:
                     kept[(new, dim)] = indices
@@ -428,7 +457,7 @@ class Plan:
             params_before, params_after = self._recorded_params()
         summary = {
             "format": _FORMAT,
-            "version": _VERSION,
+            "version": self._file_version(),
             "depprune_version": version,
             "architecture": architecture,
             "choices": self.choices,
@@ -438,6 +467,7 @@ class Plan:
                 {"group": group, "reason": why} for group, why in sorted(self.kept_whole.items())
             ],
             "structure": self.structure.describe(),
+            "per_expert": [[name, dim] for name, dim in sorted(self.per_expert)],
             "totals": {
                 "tensors_cut": len(self.shapes),
                 "groups_cut": sum(choice.kept < choice.size for choice in self.groups),
@@ -448,6 +478,10 @@ class Plan:
         }
         # Through JSON, so that the dict is exactly what read_summary gives back (lists, not tuples).
         return json.loads(_json_bytes(summary))
+
+    def _file_version(self) -> int:
+        """4 where the plan keeps per-expert indices, else 3 (what older depprune reads)."""
+        return _VERSION if self.per_expert else 3
 
     def _recorded_params(self) -> tuple[int, int]:
         """Parameters before and after, from the architecture record (tied ones counted once)."""
@@ -468,6 +502,7 @@ class Plan:
     def _prove(self, model: nn.Module, example_inputs: Any) -> None:
         """Trace ``model``, check the plan removes whole units, and replay it on a shadow."""
         from depprune.api import trace
+        from depprune.expert_widths import check_per_expert
         from depprune.verify import replay_plan
 
         if example_inputs is None:
@@ -483,6 +518,7 @@ class Plan:
         if self.kept:
             graph = trace(model, example_inputs)
             keep = self._keep_mask(graph, model)
+            check_per_expert(graph, model, self.per_expert, self.kept)
             divergence = replay_plan(
                 model, graph, keep, graph.kept_indices(keep), attributes=self.attributes
             )
@@ -540,9 +576,10 @@ class Plan:
         version = _depprune_version()
         keys = list(self.kept)
         removed = sorted(self.removed)
+        per_expert = sorted(self.per_expert)
         meta = {
             "format": _FORMAT,
-            "version": _VERSION,
+            "version": self._file_version(),
             "depprune_version": version,
             "members": [[name, dim] for name, dim in keys],
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
@@ -557,6 +594,8 @@ class Plan:
         }
         structure_meta, structure_arrays = to_file(self.structure)
         meta["structure"] = structure_meta
+        if per_expert:
+            meta["per_expert"] = [[name, dim] for name, dim in per_expert]
         offsets, indices = _packed([self.kept[k] for k in keys])
         removed_offsets, removed_units = _packed([self.removed[g] for g in removed])
         arrays = {
@@ -567,6 +606,11 @@ class Plan:
             "removed_units": removed_units,
             **structure_arrays,
         }
+        if per_expert:
+            rows = [self.per_expert[k] for k in per_expert]
+            arrays["per_expert_offsets"], arrays["per_expert_indices"] = _packed(
+                [r.reshape(-1) for r in rows]
+            )
         summary = _json_bytes(self._summary(version), indent=1)
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             # Written as np.savez writes them, so numpy.load reads the arrays as before.
@@ -594,8 +638,10 @@ class Plan:
                 names = ["offsets", "indices"]
                 if isinstance(meta, dict) and meta.get("version") in _READS[1:]:
                     names += ["removed_offsets", "removed_units"]
-                if isinstance(meta, dict) and meta.get("version") == 3:
+                if isinstance(meta, dict) and meta.get("version") in (3, 4):
                     names += ["structure_offsets", "structure_indices"]
+                if isinstance(meta, dict) and meta.get("per_expert"):
+                    names += ["per_expert_offsets", "per_expert_indices"]
                 arrays = {name: data[name] for name in names}
         except Exception as exc:
             raise InvalidPlanError(
@@ -615,6 +661,7 @@ class Plan:
             summary, mine = read_summary(path), plan.summary()
             mine["version"] = meta["version"]  # a version-2 file loads as what it says it is
             copied = _COPIED + (("structure",) if meta["version"] >= 3 else ())
+            copied += ("per_expert",) if meta["version"] >= 4 else ()
             disagree = [key for key in copied if summary.get(key) != mine[key]]
             if disagree:
                 raise InvalidPlanError(
@@ -694,6 +741,8 @@ class Plan:
             plan.structure = from_file(
                 meta.get("structure"), arrays["structure_offsets"], arrays["structure_indices"]
             )
+        if version >= 4 and meta.get("per_expert"):
+            plan.per_expert = _per_expert_rows(meta["per_expert"], arrays, plan)
         plan.validate()
         return plan
 
@@ -855,6 +904,29 @@ def _json_bytes(value: object, indent: int | None = None) -> bytes:
 def _tensors_hash(tensors: Mapping[str, Mapping[str, Any]]) -> str:
     names_and_shapes = sorted((name, list(entry["shape"])) for name, entry in tensors.items())
     return hashlib.blake2b(_json_bytes(names_and_shapes), digest_size=8).hexdigest()
+
+
+def _per_expert_rows(members: object, arrays: dict[str, np.ndarray], plan: Plan) -> dict:
+    """The per-expert indices of a version-4 file, each reshaped to [experts, kept]."""
+    keys = [
+        (_typed(m[0], str, "per-expert member name"), _typed(m[1], int, "per-expert member dim"))
+        for m in _records(members, 2, "per_expert")
+    ]
+    if len(set(keys)) != len(keys):
+        raise InvalidPlanError("malformed plan: a (tensor, dim) is listed twice in per_expert")
+    flat = _unpacked(
+        arrays["per_expert_offsets"], arrays["per_expert_indices"], len(keys), "per-expert indices"
+    )
+    rows = {}
+    for key, values in zip(keys, flat, strict=True):
+        planned, shape = plan.kept.get(key), plan.shapes.get(key[0])
+        if planned is None or shape is None or values.size != shape[0] * planned.size:
+            raise InvalidPlanError(
+                f"malformed plan: the per-expert indices of {key[0]!r} dim {key[1]} do not "
+                "match its kept indices"
+            )
+        rows[key] = values.reshape(shape[0], planned.size)
+    return rows
 
 
 def _packed(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

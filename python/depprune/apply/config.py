@@ -61,8 +61,10 @@ def _uniform_config(
                 f"{type(model).__name__}'s forward reads them from its one config; "
                 "prune every layer by the same ratio (local ranking, no per-layer ratios)"
             )
-        _config_warning(f"layers keep different sizes {uneven}", "the config is left unchanged")
-        return {}, []
+        # A fixer names the field of its module's class: a shared expert built from another
+        # field (DeepSeek's moe_intermediate_size) looks uneven; the rebuild search decides.
+        for key in uneven:
+            del values[key]
     required = values.pop("required", None) is not None
     if getattr(config, "model_type", "") == "gpt2" and "intermediate_size" in values:
         values["n_inner"] = values.pop("intermediate_size")  # GPT-2 names its MLP width so
@@ -83,6 +85,9 @@ def _uniform_config(
         if inferred is not None:
             new, adopted = inferred
             shapes, other = "", ""
+    if uneven and (shapes or other):
+        _config_warning(f"layers keep different sizes {uneven}", "the config is left unchanged")
+        return {}, []
     if shapes:
         if required:
             raise PlanMismatchError(

@@ -1,5 +1,8 @@
 """Apply stage, tensor cuts: takes kept indices per (tensor, dim), gives the cut tensors.
 
+Kept indices are a sorted 1-d array per (tensor, dim), or a 2-d array
+``[slices, kept]`` that keeps row ``s`` in slice ``s`` of dim 0 (each expert
+of a fused ``[experts, ...]`` tensor its own neurons; :mod:`depprune.expert_widths`).
 Every plan is checked against the model and each new tensor built on its own
 device and dtype (on the CPU a cut of rows and columns is one pass of the
 core over the same bytes, several times faster than torch's element-wise gather);
@@ -71,7 +74,7 @@ class _Cut:
         cuts = {
             dim: index.to(values.device)
             for dim, index in self.dims.items()
-            if index.numel() < values.shape[dim]
+            if index.dim() == 2 or index.numel() < values.shape[dim]
         }
         new = cut_tensor(values, cuts)
         if self.fold is not None:
@@ -100,6 +103,9 @@ def cut_tensor(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch.
     >>> cut_tensor(torch.arange(6).view(2, 3), {1: torch.tensor([0, 2])}).tolist()
     [[0, 2], [3, 5]]
     """
+    per_slice = {dim: index for dim, index in cuts.items() if index.dim() == 2}
+    if per_slice:
+        return _cut_per_slice(tensor, cuts, per_slice)
     if is_dtensor(tensor):
         return cut_dtensor(tensor, cuts)  # each rank cuts its shard
     on_cpu = _take_on_cpu(tensor, cuts)
@@ -112,6 +118,32 @@ def cut_tensor(tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor]) -> torch.
     # Dim 0 first: whole rows are contiguous copies, and later gathers get smaller.
     for dim, index in sorted(cuts.items()):
         tensor = tensor.index_select(dim, index)
+    return tensor
+
+
+def _cut_per_slice(
+    tensor: torch.Tensor, cuts: Mapping[int, torch.Tensor], per_slice: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
+    """``tensor`` cut by 1-d indices first (slices of dim 0 too), then one gather per 2-d index.
+
+    >>> cut_tensor(torch.arange(8).view(2, 4), {1: torch.tensor([[0, 3], [1, 2]])}).tolist()
+    [[0, 3], [5, 6]]
+    """
+    if is_dtensor(tensor):
+        raise PlanMismatchError(
+            "a plan that keeps other indices in each slice (per-expert widths) cannot cut a "
+            "DTensor shard by shard; prune the full model, then shard it"
+        )
+    plain = {dim: index for dim, index in cuts.items() if index.dim() == 1}
+    tensor = cut_tensor(tensor, plain) if plain else tensor
+    for dim, index in sorted(per_slice.items()):
+        if 0 in plain:
+            index = index[plain[0]]  # the rows of the slices dim 0 keeps
+        view = [1] * tensor.dim()
+        view[0], view[dim] = index.shape
+        shape = list(tensor.shape)
+        shape[dim] = index.shape[1]
+        tensor = tensor.gather(dim, index.reshape(view).expand(shape))
     return tensor
 
 
@@ -226,17 +258,29 @@ def named_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
 
 
 def _checked_indices(
-    indices: torch.Tensor | np.ndarray, name: str, dim: int, size: int
+    indices: torch.Tensor | np.ndarray, name: str, dim: int, shape: torch.Size
 ) -> np.ndarray:
-    """The kept indices as int64 on the CPU: integers, sorted, unique, inside the dim."""
+    """The kept indices as int64 on the CPU: integers, sorted, unique, inside the dim.
+
+    A 2-d array (one row per slice of dim 0) is checked row by row.
+    """
     array = (
         indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
     )
-    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+    slices = shape[0] if dim > 0 else None
+    if (array.ndim != 1 and not (array.ndim == 2 and array.shape[0] == slices)) or (
+        array.size and array.dtype.kind not in "iu"
+    ):
         raise PlanMismatchError(
-            f"the kept indices of {name!r} dim {dim} must be a 1-d integer array; got a "
+            f"the kept indices of {name!r} dim {dim} must be a 1-d integer array (or 2-d, one "
+            f"row for each of the {slices} slices of dim 0); got a {array.ndim}-d "
+            f"{array.dtype} array of shape {array.shape} (a boolean mask? pass "
+            "np.flatnonzero(mask))"
+            if slices is not None
+            else f"the kept indices of {name!r} dim {dim} must be a 1-d integer array; got a "
             f"{array.ndim}-d {array.dtype} array (a boolean mask? pass np.flatnonzero(mask))"
         )
+    size = shape[dim]
     array = array.astype(np.int64, copy=False)
     bad = array[(array < 0) | (array >= size)]
     if bad.size:
@@ -244,7 +288,7 @@ def _checked_indices(
             f"the plan keeps index {int(bad[0])} of dim {dim} of {name!r}, which has "
             f"{size}; was the plan made for another model?"
         )
-    if np.any(np.diff(array) <= 0):
+    if np.any(np.diff(array, axis=-1) <= 0):
         raise PlanMismatchError(f"the kept indices of {name!r} dim {dim} must be sorted and unique")
     return array
 
@@ -270,14 +314,14 @@ def _plan_cuts(
                 f"the plan cuts dim {dim} of {name!r}, which has shape {tuple(tensor.shape)}"
             )
         size = tensor.shape[dim]
-        index = torch.from_numpy(_checked_indices(indices, name, dim, size))
+        index = torch.from_numpy(_checked_indices(indices, name, dim, tensor.shape))
         dims = dims_of.setdefault(id(tensor), {})
         # Tied names must agree, also when one of them keeps everything.
         if dim in dims and not torch.equal(dims[dim], index):
             raise PlanMismatchError(f"tied tensor {name!r} is cut differently under its names")
         dims[dim] = index
-        if index.numel() == size:
-            continue
+        if index.shape[-1] == size:
+            continue  # sorted, unique and in range: every slice keeps all
         changed.setdefault(name, {})[dim] = index
         originals[id(tensor)] = tensor
     _refuse_parametrized(model, list(changed))
@@ -290,7 +334,7 @@ def _plan_cuts(
     for key, tensor in originals.items():
         shape = list(tensor.shape)
         for dim, index in dims_of[key].items():
-            shape[dim] = index.numel()
+            shape[dim] = index.shape[-1]
         cuts.append(_Cut(owners[key], key, dims_of[key], torch.Size(shape)))
     # accelerate's offloaded tensors: the values to cut live in a hook's weights map.
     entries = offloaded_entries(model)

@@ -49,7 +49,12 @@ class _View:
         self.folds: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._tensors = {n: getattr(m, a) for n, (m, a, _) in named_tensors(model).items()}
         self._new_shape = {c.key: c.shape for c in cuts}
-        self.changed = dict(changed)
+        # A per-slice cut (2-d: each expert its own neurons) keeps as many in every slice;
+        # fixers read sizes and patterns, so they see the first slice's indices.
+        self.changed = {
+            name: {dim: index[0] if index.dim() == 2 else index for dim, index in dims.items()}
+            for name, dims in changed.items()
+        }
         # A torch.nn.utils.prune weight reads as its weight_orig (same shape, same cuts),
         # so fixers that look up "weight" see what the forward will compute.
         for module_name, _, tensor_name in masked_tensors(model):

@@ -109,7 +109,11 @@ def _state_dims(
     if value.dim() == old.dim() and all(
         s in (1, o) for s, o in zip(value.shape, old.shape, strict=True)
     ):
-        return {dim: index for dim, index in dims.items() if value.shape[dim] != 1}
+        kept = {dim: index for dim, index in dims.items() if value.shape[dim] != 1}
+        if value.shape[0] == 1 and any(index.dim() == 2 for index in kept.values()):
+            # A statistic shared by the slices cannot keep other indices in each.
+            raise _uncuttable(where, f"shape {tuple(value.shape)}, shared by slices cut apart")
+        return kept
     raise _uncuttable(where, f"shape {tuple(value.shape)}")
 
 
@@ -123,7 +127,11 @@ def _uncuttable(where: str, what: str) -> PlanMismatchError:
 
 def _cuts(old: torch.Tensor, dims: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """The dims that really shrink (a tied name may list a dim that keeps everything)."""
-    return {dim: index for dim, index in dims.items() if index.numel() < old.shape[dim]}
+    return {
+        dim: index
+        for dim, index in dims.items()
+        if index.dim() == 2 or index.numel() < old.shape[dim]
+    }
 
 
 def check_optimizer_state(

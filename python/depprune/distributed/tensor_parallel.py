@@ -389,6 +389,11 @@ def apply_to_tp_shards(
             "the plan removes whole layers or experts; per-rank shards are cut for width plans "
             "only: prune in memory, or plan widths alone"
         )
+    if plan.per_expert:
+        raise CheckpointError(
+            "the plan gives each expert its own neurons (per_expert), which a rank's shard "
+            "cannot cut alone: prune in memory, or plan without per_expert"
+        )
     tp = TensorParallel(len(src_dirs))
     tp.check(plan)  # a plan made for a multiple of the rank count holds too
     started = time.perf_counter()

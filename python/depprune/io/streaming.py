@@ -147,6 +147,12 @@ def apply_to_checkpoint(
             "which renames and drops stored tensors; streaming does not do that yet: prune in "
             "memory (from_pretrained, plan.apply, save_pretrained)"
         )
+    if plan.per_expert:
+        raise CheckpointError(
+            "the plan gives each expert its own neurons (per_expert), which transformers "
+            "checkpoints store expert by expert and convert on load; streaming does not cut "
+            "them: prune in memory (from_pretrained, plan.apply, save_pretrained)"
+        )
     _check_destination(src, out, overwrite)
     checkpoint = Checkpoint(src)
     source_config = checkpoint.config
