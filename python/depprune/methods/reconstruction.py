@@ -702,17 +702,10 @@ def reconstructed_weights(
     no_bias: list[str] = []
     tied_names: list[str] = []
     done: set[int] = set()
-    per_expert = getattr(plan, "per_expert", None) or {}
     for name, stats in statistics.inputs.items():
         kept_inputs = plan.kept.get((name, stats.input_dim))
         if kept_inputs is None:
             continue
-        if any(key[0] == name for key in per_expert):
-            raise MethodError(
-                f"the plan keeps other indices of {name!r} in each expert (per_expert); "
-                "least squares fits one weight matrix: leave it out of the statistics, or plan "
-                "without per_expert"
-            )
         module, attr, _ = tensors[name]
         param = getattr(module, attr)
         if id(param) in done:
