@@ -179,6 +179,43 @@ def test_trace_runs_on_a_shadow_and_changes_no_state_in_training_mode():
         assert torch.equal(before[key], value), f"{key} changed"
 
 
+def test_the_shadow_is_the_copy_deepcopy_makes():
+    from depprune import shadow
+
+    class OwnCopy(nn.Linear):
+        def __deepcopy__(self, memo):  # a module with its own copy hook goes through it
+            twin = nn.Linear(self.in_features, self.out_features)
+            twin.copied_by_hook = True
+            return twin
+
+    class Tree(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(3, 3)
+            self.again = self.shared  # one module under two names
+            self.own = OwnCopy(3, 3)
+            self.settings = {"width": 3, "names": ["a"]}
+            self.register_buffer("mask", torch.ones(3))
+            self.shared.register_forward_hook(lambda module, args, out: out * 2)
+
+    model = Tree()
+    fast = shadow.meta_shadow(model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shadow, "_copied", copy.deepcopy)
+        slow = shadow.meta_shadow(model)
+    for twin in (fast, slow):
+        assert twin.again is twin.shared and twin.shared is not model.shared
+        assert twin.own.copied_by_hook and twin.settings == model.settings
+        assert twin.settings is not model.settings and twin.mask.is_meta
+        assert len(twin.shared._forward_hooks) == 1
+    assert sorted(vars(fast)) == sorted(vars(slow))
+    assert [(n, type(m)) for n, m in fast.named_modules()] == [
+        (n, type(m)) for n, m in slow.named_modules()
+    ]
+    fast.settings["width"] = 1
+    assert model.settings["width"] == 3
+
+
 def test_a_plan_file_edited_into_partial_units_is_refused_before_the_model_is_touched(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(3, 4)

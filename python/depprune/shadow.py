@@ -25,6 +25,7 @@ tensors for free.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -124,9 +125,65 @@ def meta_shadow(model: nn.Module) -> nn.Module:
             memo[id(tensor)] = _meta_like(tensor)
     try:
         sharding_memo(model, memo)  # FSDP2's modules: plain twins, without its hooks
-        return strip_sharding(strip_offload_hooks(copy.deepcopy(model, memo)))
+        return strip_sharding(strip_offload_hooks(_copied(model, memo)))
     except Exception as exc:
         raise ShadowError(f"the model cannot be copied ({type(exc).__name__}: {exc})") from exc
+
+
+#: Values deepcopy gives back as they are (its atomic types that modules hold).
+_ATOMIC = frozenset({int, float, bool, complex, str, bytes, type(None), type, torch.dtype})
+#: How deepcopy copies a plain module: these, as nn.Module defines them.
+_COPY_HOOKS = ("__getstate__", "__setstate__", "__reduce_ex__", "__reduce__", "__deepcopy__")
+_PLAIN_COPY: dict[type, bool] = {}
+_MISSING = object()
+
+
+def _plain_copy(cls: type) -> bool:
+    """Whether ``cls`` copies as nn.Module does (no copy hook of its own)."""
+    plain = _PLAIN_COPY.get(cls)
+    if plain is None:
+        plain = _PLAIN_COPY[cls] = all(
+            getattr(cls, name, None) is getattr(nn.Module, name, None) for name in _COPY_HOOKS
+        )
+    return plain
+
+
+def _copied(value: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy(value, memo)``, with module trees copied module by module.
+
+    The same copy, several times faster on a big model: deepcopy rebuilds
+    every module through ``__reduce_ex__`` and each of its dozen hook dicts
+    (almost always empty) through the generic path. A module whose class has
+    a copy hook of its own, and every value that is not a module, an atomic
+    value or an empty dict, goes through deepcopy itself.
+
+    >>> layer = nn.Linear(2, 3)
+    >>> twin = _copied(layer, {})
+    >>> twin is not layer and twin.weight is not layer.weight, torch.equal(twin.weight, layer.weight)
+    (True, True)
+    """
+    cls = type(value)
+    if cls in _ATOMIC:
+        return value
+    found = memo.get(id(value), _MISSING)
+    if found is not _MISSING:
+        return found
+    if (cls is dict or cls is OrderedDict) and not value:
+        twin = memo[id(value)] = cls()
+        return twin
+    if not (isinstance(value, nn.Module) and _plain_copy(cls)):
+        return copy.deepcopy(value, memo)
+    module = cls.__new__(cls)
+    memo[id(value)] = module
+    memo.setdefault(id(memo), []).append(value)  # as deepcopy keeps what its memo names alive
+    state = value.__getstate__()
+    for key, item in state.items():
+        if key in ("_modules", "_parameters", "_buffers") and type(item) in (dict, OrderedDict):
+            state[key] = type(item)((name, _copied(v, memo)) for name, v in item.items())
+        else:
+            state[key] = _copied(item, memo)
+    module.__setstate__(state)
+    return module
 
 
 def meta_inputs(example_inputs: Any) -> Any:
