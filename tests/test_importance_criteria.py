@@ -575,3 +575,20 @@ def test_per_dim_sums_of_the_core_match_torch(dtype, shape, p):
         torch.testing.assert_close(sums[dim], expected, rtol=2e-5, atol=1e-6)
     only = _all_dim_sums(tensor, Power(p), {1})
     assert only[0] is None and torch.equal(only[1], sums[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_lowest_is_the_stable_sort_prefix_with_ties_and_nans(dtype):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        size = int(torch.randint(1, 40, (1,), generator=generator))
+        if trial % 2:
+            scores = torch.randint(0, 4, (size,), generator=generator).float()  # many ties
+        else:
+            scores = torch.randn(size, generator=generator)
+        if trial % 5 == 0:
+            scores[int(torch.randint(0, size, (1,), generator=generator))] = float("nan")
+        scores = scores.to(dtype)
+        count = int(torch.randint(0, size + 2, (1,), generator=generator))
+        expected = torch.argsort(scores, stable=True)[: max(count, 0)].sort().values.numpy()
+        np.testing.assert_array_equal(lowest(scores, count), expected)

@@ -122,6 +122,8 @@ class DependencyGraph:
     def __init__(self, analysis: _core.Analysis, equations: AxisEquations) -> None:
         self._analysis = analysis
         self._unit_maps: dict[int, dict[ParamDim, np.ndarray]] = {}
+        #: The last keep mask kept_indices expanded, with the core's answer.
+        self._last_kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.param_names: tuple[str, ...] = tuple(equations.param_names)
         self._row_keys: list[ParamDim] = [
             (self.param_names[p], d)
@@ -274,7 +276,13 @@ class DependencyGraph:
                 f"removed must be a mapping {{group: unit ids to remove}} or a keep mask "
                 f"(a 1-d numpy array, one entry per unit); got {type(removed).__name__}"
             )
-        offsets, indices = self._analysis.kept_indices(keep)
+        # make_plan asks twice for the same choice (the replay's proof, then the plan).
+        last = self._last_kept
+        if last is not None and np.array_equal(last[0], keep):
+            offsets, indices = last[1], last[2].copy()  # a copy: callers own their arrays
+        else:
+            offsets, indices = self._analysis.kept_indices(keep)
+            self._last_kept = (keep.copy(), offsets, indices.copy())
         return {
             key: indices[offsets[row] : offsets[row + 1]] for row, key in enumerate(self._row_keys)
         }

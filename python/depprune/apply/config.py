@@ -449,10 +449,15 @@ def _as_unmasked(model: nn.Module) -> dict[str, str]:
 def _attribute_changes(model: nn.Module, view: _View) -> list[tuple[nn.Module, dict]]:
     changes = []
     fallbacks = []
+    # The modules above some cut tensor, by "name." prefix: one set, not a scan per module.
+    above = {""} if view.changed else set()
+    for name in view.changed:
+        parts = name.split(".")
+        above.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
     for module_name, module in model.named_modules():
         fixer = _fixer_for(module)
         prefix = f"{module_name}." if module_name else ""
-        if fixer is None or not any(name.startswith(prefix) for name in view.changed):
+        if fixer is None or prefix not in above:
             continue
         if fixer in (_fix_layer_norm, _fix_group_norm) and module.weight is None:
             continue

@@ -76,7 +76,11 @@ class _Cut:
             for dim, index in self.dims.items()
             if index.dim() == 2 or index.numel() < values.shape[dim]
         }
-        new = cut_tensor(values, cuts)
+        if values.is_meta and not is_dtensor(values):
+            # Nothing to gather on meta: the cut is a contiguous tensor of the new shape.
+            new = values.new_empty(self.shape) if cuts else values
+        else:
+            new = cut_tensor(values, cuts)
         if self.fold is not None:
             new = self.fold(new if new.data_ptr() != values.data_ptr() else new.clone())
         return new
