@@ -432,7 +432,8 @@ class Plan:
 
         Keys: format, version, depprune_version, architecture (class, hash,
         model_type, or ``None``), choices, inputs, groups (one row per group),
-        kept_whole (group and reason) and totals (tensors_cut, groups_cut,
+        kept_whole (group and reason), structure (layers and experts removed),
+        per_expert (the (tensor, dim) pairs each expert cuts alone) and totals (tensors_cut, groups_cut,
         units_removed, params_before, params_after; the parameter counts are
         ``None`` without an architecture record).
 
