@@ -318,3 +318,17 @@ def test_a_budget_plan_gives_each_expert_its_own_neurons():
     assert plan.per_expert and plan.params_after(model) <= 0.8 * before
     plan.apply(model)
     assert model(TOKENS).logits.shape == (2, 7, 100)
+
+
+def test_an_optimizer_statistic_shared_by_the_slices_is_refused():
+    from depprune.apply import apply_kept_indices
+
+    holder = nn.Module()
+    holder.w = nn.Parameter(torch.randn(3, 2, 4))
+    before = holder.w.detach().clone()
+    optimizer = torch.optim.SGD([holder.w], lr=0.1)
+    optimizer.state[holder.w]["per_column"] = torch.ones(1, 2, 4)  # one row for every slice
+    rows = np.array([[0, 1], [1, 2], [2, 3]])
+    with pytest.raises(PlanMismatchError, match="shared by slices cut apart"):
+        apply_kept_indices(holder, {("w", 2): rows}, optimizers=[optimizer])
+    assert torch.equal(holder.w, before) and optimizer.param_groups[0]["params"][0] is holder.w
